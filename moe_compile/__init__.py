@@ -1,0 +1,28 @@
+"""moe_compile: torch.compile passes that fuse MoE routing, EPLB remapping and load counting."""
+
+from .eplb import EplbLayerState, eplb_map_to_physical_and_record
+from .router import (
+    BaseRouter,
+    CustomRoutingRouter,
+    FusedTopKBiasRouter,
+    FusedTopKRouter,
+    GroupedTopKRouter,
+    RoutingSimulatorRouter,
+    SharedRoutedRouter,
+    ZeroExpertRouter,
+    create_fused_moe_router,
+)
+
+__all__ = [
+    "BaseRouter",
+    "CustomRoutingRouter",
+    "EplbLayerState",
+    "FusedTopKBiasRouter",
+    "FusedTopKRouter",
+    "GroupedTopKRouter",
+    "RoutingSimulatorRouter",
+    "SharedRoutedRouter",
+    "ZeroExpertRouter",
+    "create_fused_moe_router",
+    "eplb_map_to_physical_and_record",
+]

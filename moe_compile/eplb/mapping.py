@@ -1,0 +1,63 @@
+"""Logical -> physical expert remapping and load counting, in plain PyTorch.
+
+This is the reference the fused kernel and the graph passes must equal. It is
+written so that ``torch.compile(fullgraph=True)`` traces it whole: no host
+syncs, no data-dependent shapes, no ``bincount``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer_state import EplbLayerState
+
+REPLICA_POLICIES = ("modulo", "token_hash")
+TOKEN_HASH_MULTIPLIER = 2654435769  # Knuth's multiplicative hash, 2**32 / golden ratio
+
+
+def replica_index(
+    slot: torch.Tensor, top_k: int, replica_count: torch.Tensor, policy: str
+) -> torch.Tensor:
+    """Which of an expert's ``replica_count`` replicas flattened slot ``slot`` uses."""
+    if policy == "modulo":
+        return slot % replica_count
+    if policy == "token_hash":
+        token = slot // top_k
+        return ((token * TOKEN_HASH_MULTIPLIER) & 0xFFFFFFFF) % replica_count
+    raise ValueError(f"unknown EPLB replica policy {policy!r}; expected one of {REPLICA_POLICIES}")
+
+
+def eplb_map_to_physical_and_record(
+    topk_ids: torch.Tensor,
+    eplb_state: EplbLayerState,
+    policy: str = "token_hash",
+) -> torch.Tensor:
+    """Map logical expert ids ``[T, k]`` to physical ids and count the load.
+
+    Returns physical ids with the dtype and shape of ``topk_ids``; ids outside
+    ``[0, E)`` become -1. Adds one to ``eplb_state.expert_load_view[phys]`` for
+    every routed slot while ``should_record_tensor`` is true, skipping padding
+    rows (``num_unpadded_tokens``) and map entries outside ``[0, P)``.
+    """
+    if policy not in REPLICA_POLICIES:
+        raise ValueError(
+            f"unknown EPLB replica policy {policy!r}; expected one of {REPLICA_POLICIES}"
+        )
+    load = eplb_state.expert_load_view
+    l2p = eplb_state.logical_to_physical_map
+    num_logical, num_physical = l2p.shape[0], load.shape[0]
+    top_k = topk_ids.shape[-1]
+
+    ids = topk_ids.reshape(-1).long()
+    is_logical = (ids >= 0) & (ids < num_logical)
+    safe_ids = torch.where(is_logical, ids, 0)
+    slot = torch.arange(ids.numel(), device=ids.device)
+    replica_count = eplb_state.logical_replica_count.long()[safe_ids].clamp(min=1)
+    replica = replica_index(slot, top_k, replica_count, policy)
+    physical = torch.where(is_logical, l2p.long()[safe_ids, replica], -1)
+
+    record = (physical >= 0) & (physical < num_physical) & eplb_state.should_record_tensor
+    if eplb_state.num_unpadded_tokens is not None:
+        record = record & (slot < eplb_state.num_unpadded_tokens * top_k)
+    load.scatter_add_(0, torch.where(record, physical, 0), record.to(load.dtype))
+    return physical.to(topk_ids.dtype).reshape(topk_ids.shape)
