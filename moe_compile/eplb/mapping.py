@@ -43,15 +43,21 @@ def eplb_map_to_physical_and_record(
         raise ValueError(
             f"unknown EPLB replica policy {policy!r}; expected one of {REPLICA_POLICIES}"
         )
+    if topk_ids.dim() != 2:
+        raise ValueError(
+            f"topk_ids must be 2-D [num_tokens, top_k], got shape {tuple(topk_ids.shape)}"
+        )
     load = eplb_state.expert_load_view
     l2p = eplb_state.logical_to_physical_map
     num_logical, num_physical = l2p.shape[0], load.shape[0]
-    top_k = topk_ids.shape[-1]
+    num_tokens, top_k = topk_ids.shape
 
-    ids = topk_ids.reshape(-1).long()
+    # Kept 2-D (no flatten of the ids) so the traced graph has the same shape
+    # whether or not the ids arrive contiguous; the passes rely on that.
+    ids = topk_ids.long()
     is_logical = (ids >= 0) & (ids < num_logical)
     safe_ids = torch.where(is_logical, ids, 0)
-    slot = torch.arange(ids.numel(), device=ids.device)
+    slot = torch.arange(num_tokens * top_k, device=ids.device).view(num_tokens, top_k)
     replica_count = eplb_state.logical_replica_count.long()[safe_ids].clamp(min=1)
     replica = replica_index(slot, top_k, replica_count, policy)
     physical = torch.where(is_logical, l2p.long()[safe_ids, replica], -1)
@@ -59,5 +65,6 @@ def eplb_map_to_physical_and_record(
     record = (physical >= 0) & (physical < num_physical) & eplb_state.should_record_tensor
     if eplb_state.num_unpadded_tokens is not None:
         record = record & (slot < eplb_state.num_unpadded_tokens * top_k)
-    load.scatter_add_(0, torch.where(record, physical, 0), record.to(load.dtype))
-    return physical.to(topk_ids.dtype).reshape(topk_ids.shape)
+    counted = torch.where(record, physical, 0).flatten()
+    load.scatter_add_(0, counted, record.flatten().to(load.dtype))
+    return physical.to(topk_ids.dtype)
