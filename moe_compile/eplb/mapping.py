@@ -27,6 +27,47 @@ def replica_index(
     raise ValueError(f"unknown EPLB replica policy {policy!r}; expected one of {REPLICA_POLICIES}")
 
 
+def map_to_physical(
+    topk_ids: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    num_physical_experts: int,
+    should_record: torch.Tensor,
+    num_unpadded_tokens: torch.Tensor | None = None,
+    policy: str = "token_hash",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The functional core of :func:`eplb_map_to_physical_and_record`.
+
+    Returns ``(physical_ids [T, k] int64, counted_ids [T*k], increments [T*k] bool)``:
+    adding ``increments`` at ``counted_ids`` into the load counter records the batch.
+    """
+    if policy not in REPLICA_POLICIES:
+        raise ValueError(
+            f"unknown EPLB replica policy {policy!r}; expected one of {REPLICA_POLICIES}"
+        )
+    if topk_ids.dim() != 2:
+        raise ValueError(
+            f"topk_ids must be 2-D [num_tokens, top_k], got shape {tuple(topk_ids.shape)}"
+        )
+    num_logical = logical_to_physical_map.shape[0]
+    num_tokens, top_k = topk_ids.shape
+
+    # Kept 2-D (no flatten of the ids) so the traced graph has the same shape
+    # whether or not the ids arrive contiguous; the passes rely on that.
+    ids = topk_ids.long()
+    is_logical = (ids >= 0) & (ids < num_logical)
+    safe_ids = torch.where(is_logical, ids, 0)
+    slot = torch.arange(num_tokens * top_k, device=ids.device).view(num_tokens, top_k)
+    replica_count = logical_replica_count.long()[safe_ids].clamp(min=1)
+    replica = replica_index(slot, top_k, replica_count, policy)
+    physical = torch.where(is_logical, logical_to_physical_map.long()[safe_ids, replica], -1)
+
+    record = (physical >= 0) & (physical < num_physical_experts) & should_record
+    if num_unpadded_tokens is not None:
+        record = record & (slot < num_unpadded_tokens * top_k)
+    return physical, torch.where(record, physical, 0).flatten(), record.flatten()
+
+
 def eplb_map_to_physical_and_record(
     topk_ids: torch.Tensor,
     eplb_state: EplbLayerState,
@@ -39,32 +80,15 @@ def eplb_map_to_physical_and_record(
     every routed slot while ``should_record_tensor`` is true, skipping padding
     rows (``num_unpadded_tokens``) and map entries outside ``[0, P)``.
     """
-    if policy not in REPLICA_POLICIES:
-        raise ValueError(
-            f"unknown EPLB replica policy {policy!r}; expected one of {REPLICA_POLICIES}"
-        )
-    if topk_ids.dim() != 2:
-        raise ValueError(
-            f"topk_ids must be 2-D [num_tokens, top_k], got shape {tuple(topk_ids.shape)}"
-        )
     load = eplb_state.expert_load_view
-    l2p = eplb_state.logical_to_physical_map
-    num_logical, num_physical = l2p.shape[0], load.shape[0]
-    num_tokens, top_k = topk_ids.shape
-
-    # Kept 2-D (no flatten of the ids) so the traced graph has the same shape
-    # whether or not the ids arrive contiguous; the passes rely on that.
-    ids = topk_ids.long()
-    is_logical = (ids >= 0) & (ids < num_logical)
-    safe_ids = torch.where(is_logical, ids, 0)
-    slot = torch.arange(num_tokens * top_k, device=ids.device).view(num_tokens, top_k)
-    replica_count = eplb_state.logical_replica_count.long()[safe_ids].clamp(min=1)
-    replica = replica_index(slot, top_k, replica_count, policy)
-    physical = torch.where(is_logical, l2p.long()[safe_ids, replica], -1)
-
-    record = (physical >= 0) & (physical < num_physical) & eplb_state.should_record_tensor
-    if eplb_state.num_unpadded_tokens is not None:
-        record = record & (slot < eplb_state.num_unpadded_tokens * top_k)
-    counted = torch.where(record, physical, 0).flatten()
-    load.scatter_add_(0, counted, record.flatten().to(load.dtype))
+    physical, counted_ids, increments = map_to_physical(
+        topk_ids,
+        eplb_state.logical_to_physical_map,
+        eplb_state.logical_replica_count,
+        load.shape[0],
+        eplb_state.should_record_tensor,
+        eplb_state.num_unpadded_tokens,
+        policy,
+    )
+    load.scatter_add_(0, counted_ids, increments.to(load.dtype))
     return physical.to(topk_ids.dtype)
