@@ -1,6 +1,14 @@
 """moe_compile: torch.compile passes that fuse MoE routing, EPLB remapping and load counting."""
 
 from .eplb import EplbLayerState, eplb_map_to_physical_and_record
+from .expert_map import ExpertMapManager
+from .layer import FusedMoE
+from .quantization import (
+    FusedMoEMethodBase,
+    Int4PairPackedFusedMoEMethod,
+    Int8WeightOnlyFusedMoEMethod,
+    UnquantizedFusedMoEMethod,
+)
 from .router import (
     BaseRouter,
     CustomRoutingRouter,
@@ -17,6 +25,12 @@ __all__ = [
     "BaseRouter",
     "CustomRoutingRouter",
     "EplbLayerState",
+    "ExpertMapManager",
+    "FusedMoE",
+    "FusedMoEMethodBase",
+    "Int4PairPackedFusedMoEMethod",
+    "Int8WeightOnlyFusedMoEMethod",
+    "UnquantizedFusedMoEMethod",
     "FusedTopKBiasRouter",
     "FusedTopKRouter",
     "GroupedTopKRouter",
