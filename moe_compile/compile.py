@@ -1,0 +1,71 @@
+"""The public way in: ``moe_compile.compile`` and ``inductor_options``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .passes.manager import FusionConfig, MoEFusionPass
+
+_PASS_OPTION = "post_grad_custom_post_pass"
+
+
+def inductor_options(user_pass=None, **config: Any) -> dict[str, Any]:
+    """Inductor options that install the fusion pass: ``torch.compile(m, options=...)``.
+
+    ``config`` are :class:`FusionConfig` fields. A pass the user already had as
+    ``post_grad_custom_post_pass`` (given here, or set in Inductor's config)
+    keeps running, after ours.
+    """
+    user_pass = user_pass or torch._inductor.config.post_grad_custom_post_pass
+    if isinstance(user_pass, MoEFusionPass):
+        user_pass = user_pass.user_pass
+    return {_PASS_OPTION: MoEFusionPass(FusionConfig(**config), user_pass=user_pass)}
+
+
+def mark_dynamic_tokens(*tensors: torch.Tensor, dim: int = 0) -> None:
+    """Compile one graph for every token count, 0 and 1 included (an unbacked size)."""
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > dim:
+            torch._dynamo.mark_unbacked(tensor, dim)
+
+
+def _mark_tensor_args(_module, args):
+    mark_dynamic_tokens(*args)
+
+
+def compile(
+    model_or_fn,
+    *,
+    fusion: dict[str, Any] | None = None,
+    dynamic_tokens: bool = True,
+    **torch_compile_kwargs: Any,
+):
+    """``torch.compile`` with the MoE fusion pass installed.
+
+    ``fusion`` holds :class:`FusionConfig` fields. With ``dynamic_tokens``
+    the first dimension of every positional tensor argument is marked as
+    the token dimension, so one graph serves every batch size. ``mode``
+    ("reduce-overhead", "max-autotune", ...) and ``options`` compose with
+    the pass, including a user's own ``post_grad_custom_post_pass``.
+    """
+    options = dict(torch_compile_kwargs.pop("options", None) or {})
+    mode = torch_compile_kwargs.pop("mode", None)
+    if mode is not None:
+        # torch.compile takes mode or options, not both: spell the mode as options.
+        mode_options = torch._inductor.list_mode_options(mode, torch_compile_kwargs.get("dynamic"))
+        options = {**mode_options, **options}
+    options.update(inductor_options(options.pop(_PASS_OPTION, None), **(fusion or {})))
+    compiled = torch.compile(model_or_fn, options=options, **torch_compile_kwargs)
+    if not dynamic_tokens:
+        return compiled
+    if isinstance(compiled, torch.nn.Module):
+        compiled.register_forward_pre_hook(_mark_tensor_args)
+        return compiled
+
+    def run(*args, **kwargs):
+        mark_dynamic_tokens(*args)
+        return compiled(*args, **kwargs)
+
+    return run

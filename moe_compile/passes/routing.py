@@ -1,0 +1,224 @@
+"""Routing patterns: every router's traced math, replaced by one ``moe_compile::route`` op.
+
+Each pattern is the eager routing function itself, traced the way Inductor's
+post-grad graph spells it. Python-level options (scoring function,
+renormalize, ...) are baked into one pattern per combination; integer and
+float options are matched as arguments (``scalar_workaround``) and the match
+is re-checked by re-tracing with the real shapes and values.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
+
+from moe_compile.router.custom import SharedRoutedRouter
+from moe_compile.router.grouped import grouped_topk
+from moe_compile.router.scoring import SCORING_FUNCS
+from moe_compile.router.topk import fused_topk, fused_topk_bias
+
+from .tracing import trace_post_grad
+
+# Example scalars for tracing. Each must differ from every other scalar
+# argument the traced graph contains, or it would be mistaken for one.
+_EXAMPLE = dict(num_tokens=13, num_experts=32, top_k=6, num_expert_group=4, topk_group=3)
+_EXAMPLE_SCALE = 2.5
+_EXAMPLE_SHARED = 2
+
+
+@dataclass(frozen=True)
+class RoutingVariant:
+    """One traced form of a router: the options that change the graph's structure."""
+
+    family: str
+    scoring_func: str = "softmax"
+    renormalize: bool = True
+    logits_dtype: torch.dtype = torch.float32
+    bias_dtype: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        parts = [self.family, self.scoring_func, "renorm" if self.renormalize else "raw"]
+        parts.append(str(self.logits_dtype).removeprefix("torch."))
+        if self.bias_dtype is not None:
+            parts.append("bias_" + str(self.bias_dtype).removeprefix("torch."))
+        return "_".join(parts)
+
+
+def _route(router_logits, bias, top_k, variant, scale=1.0, groups=0, topk_group=0, shared=0):
+    return torch.ops.moe_compile.route.default(
+        router_logits,
+        bias,
+        top_k,
+        variant.scoring_func,
+        variant.renormalize,
+        scale,
+        groups,
+        topk_group,
+        shared,
+        torch.int64,
+    )
+
+
+def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, list, dict]:
+    """The search function, its replacement, example inputs and scalar arguments."""
+    n, e = _EXAMPLE["num_tokens"], _EXAMPLE["num_experts"]
+    logits = torch.empty(n, e, dtype=variant.logits_dtype)
+    bias = torch.empty(e, dtype=variant.bias_dtype) if variant.bias_dtype else None
+    scoring, renorm = variant.scoring_func, variant.renormalize
+    top_k = {"top_k": _EXAMPLE["top_k"]}
+
+    if variant.family == "topk":
+
+        def search(router_logits, top_k):
+            return fused_topk(router_logits, top_k, renorm, scoring)
+
+        def replace(router_logits, top_k):
+            return _route(router_logits, None, top_k, variant)
+
+        return search, replace, [logits], top_k
+
+    if variant.family == "topk_bias":
+
+        def search(router_logits, e_score_correction_bias, top_k, routed_scaling_factor):
+            return fused_topk_bias(
+                router_logits,
+                e_score_correction_bias,
+                top_k,
+                renorm,
+                scoring,
+                routed_scaling_factor,
+            )
+
+        def replace(router_logits, e_score_correction_bias, top_k, routed_scaling_factor):
+            return _route(
+                router_logits, e_score_correction_bias, top_k, variant, routed_scaling_factor
+            )
+
+        return search, replace, [logits, bias], {**top_k, "routed_scaling_factor": _EXAMPLE_SCALE}
+
+    if variant.family == "grouped":
+        groups = {k: _EXAMPLE[k] for k in ("num_expert_group", "topk_group")}
+        scalars = {**top_k, **groups, "routed_scaling_factor": _EXAMPLE_SCALE}
+        if bias is None:
+
+            def search(router_logits, top_k, num_expert_group, topk_group, routed_scaling_factor):
+                return grouped_topk(
+                    router_logits, top_k, num_expert_group, topk_group, renorm, scoring, None,
+                    routed_scaling_factor,
+                )  # fmt: skip
+
+            def replace(router_logits, top_k, num_expert_group, topk_group, routed_scaling_factor):
+                return _route(
+                    router_logits, None, top_k, variant, routed_scaling_factor,
+                    num_expert_group, topk_group,
+                )  # fmt: skip
+
+            return search, replace, [logits], scalars
+
+        def search(
+            router_logits, e_score_correction_bias, top_k, num_expert_group, topk_group,
+            routed_scaling_factor,
+        ):  # fmt: skip
+            return grouped_topk(
+                router_logits, top_k, num_expert_group, topk_group, renorm, scoring,
+                e_score_correction_bias, routed_scaling_factor,
+            )  # fmt: skip
+
+        def replace(
+            router_logits, e_score_correction_bias, top_k, num_expert_group, topk_group,
+            routed_scaling_factor,
+        ):  # fmt: skip
+            return _route(
+                router_logits, e_score_correction_bias, top_k, variant, routed_scaling_factor,
+                num_expert_group, topk_group,
+            )  # fmt: skip
+
+        return search, replace, [logits, bias], scalars
+
+    if variant.family == "shared_routed":
+        scalars = {**top_k, "num_fused_shared_experts": _EXAMPLE_SHARED}
+
+        def search(router_logits, top_k, num_fused_shared_experts):
+            router = SharedRoutedRouter(
+                top_k, 1 << 20, num_fused_shared_experts, renormalize=renorm
+            )
+            return router._compute_routing(None, router_logits)
+
+        def replace(router_logits, top_k, num_fused_shared_experts):
+            return _route(router_logits, None, top_k, variant, shared=num_fused_shared_experts)
+
+        return search, replace, [logits], scalars
+
+    # Routing as open-source model code writes it, matched without changing that code.
+    if variant.family == "softmax_then_topk":  # Mixtral / Qwen-MoE (HF), in-place renorm
+
+        def search(router_logits, top_k):
+            weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+            weights, ids = torch.topk(weights, top_k, dim=-1)
+            if renorm:
+                weights /= weights.sum(dim=-1, keepdim=True)
+            return weights, ids
+
+    elif variant.family == "topk_then_softmax":  # original Mixtral: softmax over the k logits
+
+        def search(router_logits, top_k):
+            values, ids = torch.topk(router_logits, top_k, dim=-1)
+            return F.softmax(values, dim=1, dtype=torch.float), ids
+
+    elif variant.family == "topk_then_sigmoid":  # Llama-4: top-k on raw logits, then sigmoid
+
+        def search(router_logits, top_k):
+            values, ids = torch.topk(router_logits, top_k, dim=-1)
+            return torch.sigmoid(values.float()), ids
+
+    else:
+        raise ValueError(f"unknown routing pattern family {variant.family!r}")
+
+    def replace(router_logits, top_k):
+        return _route(router_logits, None, top_k, variant)
+
+    return search, replace, [logits], top_k
+
+
+def routing_variants() -> Iterator[RoutingVariant]:
+    """Every traced form the routing pass knows."""
+    logits_dtypes = (torch.float32, torch.bfloat16)
+    bias_dtypes = (torch.float32, torch.bfloat16)
+    for scoring, renorm, logits in itertools.product(SCORING_FUNCS, (True, False), logits_dtypes):
+        yield RoutingVariant("topk", scoring, renorm, logits)
+        yield RoutingVariant("grouped", scoring, renorm, logits)
+        for bias in bias_dtypes:
+            yield RoutingVariant("topk_bias", scoring, renorm, logits, bias)
+            yield RoutingVariant("grouped", scoring, renorm, logits, bias)
+    for renorm, logits in itertools.product((True, False), logits_dtypes):
+        yield RoutingVariant("shared_routed", "softmax", renorm, logits)
+        yield RoutingVariant("softmax_then_topk", "softmax", renorm, logits)
+    for logits in logits_dtypes:
+        yield RoutingVariant("topk_then_softmax", "softmax", True, logits)
+        yield RoutingVariant("topk_then_sigmoid", "sigmoid", False, logits)
+
+
+@functools.cache
+def routing_patterns() -> PatternMatcherPass:
+    """All routing patterns, traced once per process on first use."""
+    patterns = PatternMatcherPass(pass_name="moe_compile_routing")
+    for variant in routing_variants():
+        search, replace, example_inputs, scalars = _search_and_replace(variant)
+        register_replacement(
+            search,
+            replace,
+            example_inputs,
+            trace_post_grad,
+            patterns,
+            scalar_workaround=scalars,
+            pattern_name=variant.name,
+            skip_duplicates=True,
+        )
+    return patterns

@@ -1,0 +1,36 @@
+"""Tracing eager functions into patterns spelled like Inductor's post-grad graphs."""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+from torch._guards import detect_fake_mode
+from torch._inductor.fx_passes.post_grad import view_to_reshape
+from torch._inductor.pattern_matcher import fwd_only
+
+
+def trace_post_grad(fn, args, **kwargs) -> torch.fx.GraphModule:
+    """``fwd_only`` plus the view->reshape rewrite the post-grad graph has already had."""
+    gm = fwd_only(fn, args, **kwargs)
+    view_to_reshape(gm)
+    gm.recompile()
+    return gm
+
+
+def _fake_value(arg):
+    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+
+def set_fake_values(node: torch.fx.Node, getitems: list[torch.fx.Node] = ()) -> None:
+    """Fill ``meta["val"]`` of a node a pass inserted (and of its getitems) by
+    running its target on the fake values of its inputs, as later passes expect."""
+    args = torch.fx.map_arg(node.args, _fake_value)
+    kwargs = torch.fx.map_arg(node.kwargs, _fake_value)
+    fake_mode = detect_fake_mode(pytree.tree_leaves((args, kwargs)))
+    if fake_mode is None:
+        return
+    with fake_mode:
+        value = node.target(*args, **kwargs)
+    node.meta["val"] = value
+    for item in getitems:
+        item.meta["val"] = value[item.args[1]]
