@@ -46,7 +46,9 @@ def grouped_topk(
         group_scores = grouped_choice.topk(2, dim=-1).values.sum(dim=-1)
     _, group_ids = topk_lowest_index_on_ties(group_scores, topk_group)
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, group_ids, True)
-    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped_choice).reshape(num_tokens, -1)
+    expert_mask = (
+        group_mask.unsqueeze(-1).expand_as(grouped_choice).reshape(num_tokens, num_experts)
+    )
     masked_choice = choice.masked_fill(~expert_mask, float("-inf"))
     _, topk_ids = topk_lowest_index_on_ties(masked_choice, top_k)
     topk_weights = scores.gather(-1, topk_ids)
