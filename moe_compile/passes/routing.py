@@ -30,6 +30,13 @@ from .tracing import trace_post_grad
 _EXAMPLE = dict(num_tokens=13, num_experts=32, top_k=6, num_expert_group=4, topk_group=3)
 _EXAMPLE_SCALE = 2.5
 _EXAMPLE_SHARED = 2
+_SCALARS = (
+    "top_k",
+    "routed_scaling_factor",
+    "num_expert_group",
+    "topk_group",
+    "num_fused_shared_experts",
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,12 @@ def _route(router_logits, bias, top_k, variant, scale=1.0, groups=0, topk_group=
         shared,
         torch.int64,
     )
+
+
+def _scalars_are_constants(match) -> bool:
+    """The op takes Python scalars. Dynamo makes a float attribute that changed
+    between compiles a graph input; such a graph is left as it is."""
+    return not any(isinstance(v, torch.fx.Node) for k, v in match.kwargs.items() if k in _SCALARS)
 
 
 def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, list, dict]:
@@ -217,6 +230,7 @@ def routing_patterns() -> PatternMatcherPass:
             example_inputs,
             trace_post_grad,
             patterns,
+            extra_check=_scalars_are_constants,
             scalar_workaround=scalars,
             pattern_name=variant.name,
             skip_duplicates=True,
