@@ -1,5 +1,6 @@
 """moe_compile: torch.compile passes that fuse MoE routing, EPLB remapping and load counting."""
 
+from .compile import compile, inductor_options, mark_dynamic_tokens
 from .eplb import EplbLayerState, eplb_map_to_physical_and_record
 from .expert_map import ExpertMapManager
 from .layer import FusedMoE
@@ -22,6 +23,9 @@ from .router import (
 )
 
 __all__ = [
+    "compile",
+    "inductor_options",
+    "mark_dynamic_tokens",
     "BaseRouter",
     "CustomRoutingRouter",
     "EplbLayerState",

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import inspect
+
 import torch
+from torch._dynamo.decorators import mark_unbacked
 
 from .passes.manager import FusionConfig, MoEFusionPass
 
 _PASS_OPTION = "post_grad_custom_post_pass"
+_HAS_SHAPE_ID = "shape_id" in inspect.signature(mark_unbacked).parameters
 
 
 def inductor_options(user_pass=None, **config: Any) -> dict[str, Any]:
@@ -25,10 +29,15 @@ def inductor_options(user_pass=None, **config: Any) -> dict[str, Any]:
 
 
 def mark_dynamic_tokens(*tensors: torch.Tensor, dim: int = 0) -> None:
-    """Compile one graph for every token count, 0 and 1 included (an unbacked size)."""
+    """Compile one graph for every token count, 0 and 1 included (an unbacked size).
+
+    All tensors given share one token-count symbol where torch supports that,
+    so the graph needs no check that their token counts agree.
+    """
+    shared = {"shape_id": "moe_compile_tokens"} if _HAS_SHAPE_ID else {}
     for tensor in tensors:
         if isinstance(tensor, torch.Tensor) and tensor.dim() > dim:
-            torch._dynamo.mark_unbacked(tensor, dim)
+            mark_unbacked(tensor, dim, **shared)
 
 
 def _mark_tensor_args(_module, args):

@@ -1,0 +1,163 @@
+"""The pass fuses every router (x EPLB) into one op and never changes results."""
+
+import itertools
+
+import pytest
+import torch
+from pass_helpers import make_eplb_state, tied_logits
+
+import moe_compile as mc
+from moe_compile.passes.testing import PassTestBackend
+
+NUM_EXPERTS, TOP_K, NUM_TOKENS = 16, 3, 9
+BIAS = torch.linspace(-0.3, 0.3, NUM_EXPERTS)
+
+ROUTER_CONFIGS = {
+    "topk_softmax": dict(scoring_func="softmax"),
+    "topk_sigmoid_raw": dict(scoring_func="sigmoid", renormalize=False),
+    "topk_sqrtsoftplus": dict(scoring_func="sqrtsoftplus"),
+    "bias_sigmoid": dict(
+        scoring_func="sigmoid", e_score_correction_bias=BIAS, routed_scaling_factor=2.5
+    ),
+    "bias_softmax_raw": dict(renormalize=False, e_score_correction_bias=BIAS),
+    "grouped_softmax": dict(use_grouped_topk=True, num_expert_group=4, topk_group=2),
+    "grouped_sigmoid_bias": dict(
+        scoring_func="sigmoid",
+        use_grouped_topk=True,
+        num_expert_group=4,
+        topk_group=2,
+        e_score_correction_bias=BIAS,
+        routed_scaling_factor=2.5,
+    ),
+    "shared_routed": dict(num_fused_shared_experts=2),
+}
+EPLB_FUSES = {name for name in ROUTER_CONFIGS if name != "shared_routed"}
+
+
+def run_both(router, state, logits):
+    """Eager and compiled results with their load counts, from the same start."""
+    hidden = torch.randn(logits.shape[0], 4)
+    backend = PassTestBackend()
+    compiled = torch.compile(router.select_experts, backend=backend, fullgraph=True)
+    results = []
+    for fn in (router.select_experts, compiled):
+        if state is not None:
+            state.expert_load_view.zero_()
+        weights, ids = fn(hidden, logits)
+        load = None if state is None else state.expert_load_view.clone()
+        results.append((weights, ids, load))
+    return results, backend.graphs[0]
+
+
+def assert_same(eager, compiled):
+    (w_e, ids_e, load_e), (w_c, ids_c, load_c) = eager, compiled
+    assert ids_c.dtype == ids_e.dtype
+    torch.testing.assert_close(ids_c, ids_e, rtol=0, atol=0)
+    torch.testing.assert_close(w_c, w_e, rtol=1e-6, atol=1e-7)
+    if load_e is not None:
+        torch.testing.assert_close(load_c, load_e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name,eplb,logits_dtype",
+    list(itertools.product(ROUTER_CONFIGS, (False, True), (torch.float32, torch.bfloat16))),
+)
+def test_every_router_fuses_and_matches_eager(name, eplb, logits_dtype):
+    config = ROUTER_CONFIGS[name]
+    num_logits = NUM_EXPERTS + config.get("num_fused_shared_experts", 0)
+    state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4) if eplb else None
+    router = mc.create_fused_moe_router(
+        top_k=TOP_K,
+        global_num_experts=NUM_EXPERTS + (4 if eplb else 0),
+        eplb_state=state,
+        **config,
+    )
+    logits = tied_logits(NUM_TOKENS, num_logits, logits_dtype)
+    (eager, compiled), graph = run_both(router, state, logits)
+    assert_same(eager, compiled)
+
+    assert graph.applied["routing"] == 1
+    fused_op = "moe_compile.route"
+    if eplb and name in EPLB_FUSES:
+        assert graph.applied["route_eplb"] == 1
+        fused_op = "auto_functionalized(moe_compile.route_eplb)"
+        # Everything but the in-place write-back of the counter is gone.
+        assert graph.ops_after.get("aten.scatter_add", 0) == 0
+        assert graph.ops_after.get("aten.index", 0) == 0
+    assert graph.ops_after[fused_op] == 1
+    assert graph.ops_after.get("aten.sort", 0) == 0
+    assert graph.ops_before.get("aten.sort", 0) >= 1
+    if not eplb:
+        assert "scatter" not in graph.after and "eplb" not in graph.after
+
+
+@pytest.mark.parametrize(
+    "policy,map_dtype,load_dtype,padded",
+    [
+        ("token_hash", torch.int64, torch.int32, False),
+        ("modulo", torch.int32, torch.int32, True),
+        ("token_hash", torch.int32, torch.int64, True),
+        ("modulo", torch.int64, torch.int64, False),
+    ],
+)
+def test_eplb_variants_fuse(policy, map_dtype, load_dtype, padded):
+    state = make_eplb_state(
+        NUM_EXPERTS,
+        NUM_EXPERTS + 6,
+        map_dtype=map_dtype,
+        load_dtype=load_dtype,
+        num_unpadded_tokens=5 if padded else None,
+    )
+    router = mc.create_fused_moe_router(
+        top_k=TOP_K,
+        global_num_experts=NUM_EXPERTS + 6,
+        eplb_state=state,
+        eplb_replica_policy=policy,
+    )
+    (eager, compiled), graph = run_both(router, state, tied_logits(NUM_TOKENS, NUM_EXPERTS))
+    assert_same(eager, compiled)
+    assert graph.applied["route_eplb"] == 1
+    assert eager[2].sum() == (5 if padded else NUM_TOKENS) * TOP_K
+
+
+@pytest.mark.parametrize("indices_dtype", [torch.int32, torch.int64])
+def test_index_dtype_is_written_by_the_op(indices_dtype):
+    state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+    router = mc.create_fused_moe_router(
+        top_k=TOP_K,
+        global_num_experts=NUM_EXPERTS + 4,
+        eplb_state=state,
+        indices_dtype=indices_dtype,
+    )
+    (eager, compiled), graph = run_both(router, state, tied_logits(NUM_TOKENS, NUM_EXPERTS))
+    assert_same(eager, compiled)
+    assert "convert_element_type" not in graph.after
+
+
+def test_ids_used_twice_block_the_fold_but_stay_correct():
+    """Logical ids captured before EPLB are a second use: no route_eplb, same results."""
+    state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+    router = mc.create_fused_moe_router(
+        top_k=TOP_K, global_num_experts=NUM_EXPERTS + 4, eplb_state=state
+    )
+    captured = []
+    router.set_capture_fn(captured.append)
+    (eager, compiled), graph = run_both(router, state, tied_logits(NUM_TOKENS, NUM_EXPERTS))
+    assert_same(eager, compiled)
+    assert len(captured) == 2
+    torch.testing.assert_close(captured[1], captured[0], rtol=0, atol=0)
+    assert graph.applied["routing"] == 1
+    assert graph.applied["route_eplb"] == 0
+
+
+def test_unmatched_graph_is_left_untouched():
+    def not_routing(x):
+        return torch.sort(x, dim=-1, stable=True, descending=True)[0][:, :3] * 2
+
+    backend = PassTestBackend()
+    x = torch.randn(5, 8)
+    out = torch.compile(not_routing, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(out, not_routing(x))
+    graph = backend.graphs[0]
+    assert graph.before == graph.after
+    assert sum(graph.applied.values()) == 0
