@@ -1,1 +1,24 @@
-"""(placeholder until its issue lands)"""
+"""``torch.library`` operators in the ``moe_compile`` namespace.
+
+Importing this package registers them: ``moe_compile::route``,
+``moe_compile::route_eplb`` (routing [+ EPLB remap + load count], one Triton
+kernel on CUDA) and ``moe_compile::eplb_remap``.
+"""
+
+from . import eplb_remap
+from .routing import (
+    check_eplb_map,
+    route,
+    route_eplb,
+    route_reference,
+    use_triton_kernel,
+)
+
+__all__ = [
+    "check_eplb_map",
+    "eplb_remap",
+    "route",
+    "route_eplb",
+    "route_reference",
+    "use_triton_kernel",
+]
