@@ -48,6 +48,7 @@ class RoutingVariant:
     renormalize: bool = True
     logits_dtype: torch.dtype = torch.float32
     bias_dtype: torch.dtype | None = None
+    topk_dim: int = -1  # model code writes torch.topk(..., dim=1) or dim=-1
 
     @property
     def name(self) -> str:
@@ -55,7 +56,7 @@ class RoutingVariant:
         parts.append(str(self.logits_dtype).removeprefix("torch."))
         if self.bias_dtype is not None:
             parts.append("bias_" + str(self.bias_dtype).removeprefix("torch."))
-        return "_".join(parts)
+        return "_".join(parts) + f"_dim{self.topk_dim}"
 
 
 def _route(router_logits, bias, top_k, variant, scale=1.0, groups=0, topk_group=0, shared=0):
@@ -84,7 +85,7 @@ def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, li
     n, e = _EXAMPLE["num_tokens"], _EXAMPLE["num_experts"]
     logits = torch.empty(n, e, dtype=variant.logits_dtype)
     bias = torch.empty(e, dtype=variant.bias_dtype) if variant.bias_dtype else None
-    scoring, renorm = variant.scoring_func, variant.renormalize
+    scoring, renorm, dim = variant.scoring_func, variant.renormalize, variant.topk_dim
     top_k = {"top_k": _EXAMPLE["top_k"]}
 
     if variant.family == "topk":
@@ -174,7 +175,7 @@ def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, li
 
         def search(router_logits, top_k):
             weights = F.softmax(router_logits, dim=1, dtype=torch.float)
-            weights, ids = torch.topk(weights, top_k, dim=-1)
+            weights, ids = torch.topk(weights, top_k, dim=dim)
             if renorm:
                 weights /= weights.sum(dim=-1, keepdim=True)
             return weights, ids
@@ -182,13 +183,13 @@ def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, li
     elif variant.family == "topk_then_softmax":  # original Mixtral: softmax over the k logits
 
         def search(router_logits, top_k):
-            values, ids = torch.topk(router_logits, top_k, dim=-1)
+            values, ids = torch.topk(router_logits, top_k, dim=dim)
             return F.softmax(values, dim=1, dtype=torch.float), ids
 
     elif variant.family == "topk_then_sigmoid":  # Llama-4: top-k on raw logits, then sigmoid
 
         def search(router_logits, top_k):
-            values, ids = torch.topk(router_logits, top_k, dim=-1)
+            values, ids = torch.topk(router_logits, top_k, dim=dim)
             return torch.sigmoid(values.float()), ids
 
     else:
@@ -212,10 +213,11 @@ def routing_variants() -> Iterator[RoutingVariant]:
             yield RoutingVariant("grouped", scoring, renorm, logits, bias)
     for renorm, logits in itertools.product((True, False), logits_dtypes):
         yield RoutingVariant("shared_routed", "softmax", renorm, logits)
-        yield RoutingVariant("softmax_then_topk", "softmax", renorm, logits)
-    for logits in logits_dtypes:
-        yield RoutingVariant("topk_then_softmax", "softmax", True, logits)
-        yield RoutingVariant("topk_then_sigmoid", "sigmoid", False, logits)
+    for logits, dim in itertools.product(logits_dtypes, (-1, 1)):
+        for renorm in (True, False):
+            yield RoutingVariant("softmax_then_topk", "softmax", renorm, logits, topk_dim=dim)
+        yield RoutingVariant("topk_then_softmax", "softmax", True, logits, topk_dim=dim)
+        yield RoutingVariant("topk_then_sigmoid", "sigmoid", False, logits, topk_dim=dim)
 
 
 @functools.cache

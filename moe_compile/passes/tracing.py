@@ -10,8 +10,10 @@ from torch._inductor.pattern_matcher import fwd_only
 
 
 def trace_post_grad(fn, args, **kwargs) -> torch.fx.GraphModule:
-    """``fwd_only`` plus the view->reshape rewrite the post-grad graph has already had."""
-    gm = fwd_only(fn, args, **kwargs)
+    """Trace ``fn`` into the form of a post-grad graph: functional (in-place ops
+    such as ``weights /= ...`` become their out-of-place forms) and with views
+    spelled as reshapes."""
+    gm = fwd_only(torch.func.functionalize(fn, remove="mutations"), args, **kwargs)
     view_to_reshape(gm)
     gm.recompile()
     return gm
