@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m moe_compile.demo
+	$(VENV)/bin/moe-compile demo
 
 lint: install
 	$(PY) -m ruff check moe_compile tests bench
