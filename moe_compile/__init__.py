@@ -1,7 +1,15 @@
 """moe_compile: torch.compile passes that fuse MoE routing, EPLB remapping and load counting."""
 
 from .compile import compile, inductor_options, mark_dynamic_tokens
-from .eplb import EplbLayerState, eplb_map_to_physical_and_record
+from .eplb import (
+    EplbLayerState,
+    EplbState,
+    EplbTransferError,
+    available_policies,
+    eplb_map_to_physical_and_record,
+    rebalance,
+    register_policy,
+)
 from .expert_map import ExpertMapManager
 from .layer import FusedMoE
 from .quantization import (
@@ -29,6 +37,11 @@ __all__ = [
     "BaseRouter",
     "CustomRoutingRouter",
     "EplbLayerState",
+    "EplbState",
+    "EplbTransferError",
+    "available_policies",
+    "rebalance",
+    "register_policy",
     "ExpertMapManager",
     "FusedMoE",
     "FusedMoEMethodBase",

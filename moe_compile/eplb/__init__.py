@@ -11,17 +11,33 @@ from .policies import (
     rebalance,
     register_policy,
 )
+from .state import (
+    EplbState,
+    EplbStepResult,
+    balancedness,
+    find_moe_layers,
+    initial_physical_to_logical_map,
+)
+from .weight_transfer import EplbTransferError, ExpertWeightMover, plan_layer_transfer
 
 __all__ = [
     "REPLICA_POLICIES",
     "EplbLayerState",
+    "EplbState",
+    "EplbStepResult",
+    "EplbTransferError",
+    "ExpertWeightMover",
     "available_policies",
+    "balancedness",
     "balancedness_of_plan",
     "count_moved_experts",
     "eplb_map_to_physical_and_record",
+    "find_moe_layers",
     "gpu_loads",
+    "initial_physical_to_logical_map",
     "map_to_physical",
     "physical_to_logical_to_logical_to_physical",
+    "plan_layer_transfer",
     "rebalance",
     "register_policy",
 ]

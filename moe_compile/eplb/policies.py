@@ -561,6 +561,42 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_rebalance_arguments(
+    num_logical_experts: int,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    policy: str | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first argument of :func:`rebalance` that cannot work."""
+    if policy is not None:
+        get_policy(policy)
+    for name, value in (
+        ("num_logical_experts", num_logical_experts),
+        ("num_replicas", num_replicas),
+        ("num_groups", num_groups),
+        ("num_nodes", num_nodes),
+        ("num_gpus", num_gpus),
+    ):
+        _check_positive(name, value)
+    if num_replicas < num_logical_experts:
+        raise ValueError(
+            f"num_replicas ({num_replicas}) must be at least the number of logical experts "
+            f"({num_logical_experts})"
+        )
+    if num_replicas % num_gpus != 0:
+        raise ValueError(
+            f"num_gpus ({num_gpus}) must divide num_replicas ({num_replicas}) into equal slots per GPU"
+        )
+    if num_gpus % num_nodes != 0:
+        raise ValueError(f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})")
+    if num_logical_experts % num_groups != 0:
+        raise ValueError(
+            f"num_groups ({num_groups}) must divide the {num_logical_experts} logical experts"
+        )
+
+
 def rebalance(
     weight: torch.Tensor,
     num_replicas: int,
@@ -594,29 +630,8 @@ def rebalance(
         )
     if weight.is_complex() or weight.dtype == torch.bool:
         raise ValueError(f"weight must be a real number tensor, got {weight.dtype}")
-    for name, value in (
-        ("num_replicas", num_replicas),
-        ("num_groups", num_groups),
-        ("num_nodes", num_nodes),
-        ("num_gpus", num_gpus),
-    ):
-        _check_positive(name, value)
     num_layers, num_experts = weight.shape
-    if num_experts < 1:
-        raise ValueError("weight must have at least one logical expert")
-    if num_replicas < num_experts:
-        raise ValueError(
-            f"num_replicas ({num_replicas}) must be at least the number of logical experts "
-            f"({num_experts})"
-        )
-    if num_replicas % num_gpus != 0:
-        raise ValueError(
-            f"num_gpus ({num_gpus}) must divide num_replicas ({num_replicas}) into equal slots per GPU"
-        )
-    if num_gpus % num_nodes != 0:
-        raise ValueError(f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})")
-    if num_experts % num_groups != 0:
-        raise ValueError(f"num_groups ({num_groups}) must divide the {num_experts} logical experts")
+    check_rebalance_arguments(num_experts, num_replicas, num_groups, num_nodes, num_gpus)
     weight = weight.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
         raise ValueError("weight must be finite and non-negative")
