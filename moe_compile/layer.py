@@ -299,7 +299,7 @@ class FusedMoE(nn.Module):
             range(self.num_experts, num_sources)
         )
         index = torch.tensor(sources, dtype=torch.long, device=w13.device)
-        device = next(iter(self.parameters())).device
+        device = next(p for n, p in self.named_parameters() if n.startswith("w13")).device
         self.quant_method.load_weights(self, w13[index].to(device), w2[index].to(device))
 
     # --------------------------------------------------------------- forward

@@ -13,6 +13,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,7 +32,10 @@ def free_tcp_port() -> int:
 def _worker(rank, world_size, port, fn, args, results, timeout_s):
     # One thread per process: the test machines have few cores and N ranks share them.
     torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if sys.platform.startswith("linux"):
+        # The group lives on 127.0.0.1; without this gloo may pick an interface
+        # that the host name resolves to and that loopback peers cannot reach.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",

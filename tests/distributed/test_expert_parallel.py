@@ -67,7 +67,7 @@ SCENARIOS = {
 }
 
 
-def run_scenario(name, ep_size, ep_rank, num_tokens=NUM_TOKENS):
+def run_scenario(name, ep_size, ep_rank, num_tokens=NUM_TOKENS, compile_layer=False):
     """Build the layer of ``name`` for one rank, load the shared weights, run one batch."""
     scenario = SCENARIOS[name]
     num_experts = scenario["num_experts"]
@@ -91,6 +91,9 @@ def run_scenario(name, ep_size, ep_rank, num_tokens=NUM_TOKENS):
         layer.eplb_state.should_record_tensor = torch.tensor(True)
     else:
         layer.load_logical_weights(w13, w2)
+    if compile_layer:
+        # the all-reduce must trace into the same single graph as the rest of the layer
+        layer = torch.compile(layer, fullgraph=True, backend="aot_eager")
     out = layer(x, logits)
     return {
         "out": out,
@@ -102,6 +105,8 @@ def run_scenario(name, ep_size, ep_rank, num_tokens=NUM_TOKENS):
 def run_all_scenarios(rank, world_size, names):
     results = {name: run_scenario(name, world_size, rank) for name in names}
     results["empty_batch"] = run_scenario("eplb_replicas", world_size, rank, num_tokens=0)
+    if world_size == 2:
+        results["compiled"] = run_scenario("eplb_replicas", world_size, rank, compile_layer=True)
     return results
 
 
@@ -126,6 +131,13 @@ def test_expert_parallel_equals_single_process(world_size):
     for results in per_rank:
         assert results["empty_batch"]["out"].shape == (0, H)
         assert int(results["empty_batch"]["load"].sum()) == 0
+    if world_size == 2:
+        expected = run_scenario("eplb_replicas", 1, 0)
+        for results in per_rank:
+            torch.testing.assert_close(
+                results["compiled"]["out"], expected["out"], rtol=1e-5, atol=1e-6
+            )
+            assert results["compiled"]["load"].tolist() == expected["load"].tolist()
     # uneven split: 10 experts over 4 ranks are 3, 3, 2, 2
     if world_size == 4:
         assert [r["linear_uneven"]["local_num_experts"] for r in per_rank] == [3, 3, 2, 2]
