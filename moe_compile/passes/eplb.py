@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
@@ -79,17 +80,17 @@ def _search_and_replace(policy: str, with_padding: bool):
 
 @functools.cache
 def eplb_patterns() -> PatternMatcherPass:
-    """The mapping chain for both policies, with and without padding, and for
-    int32 and int64 maps (an int32 map adds a cast to the traced graph)."""
+    """The mapping chain for both policies, with and without padding, for int64
+    and int32 ids and maps (int32 adds casts to the traced graph)."""
     patterns = PatternMatcherPass(pass_name="moe_compile_eplb")
-    for policy, with_padding, map_dtype, count_dtype in itertools.product(
+    for policy, with_padding, ids_dtype, map_dtype in itertools.product(
         REPLICA_POLICIES, (False, True), (torch.int64, torch.int32), (torch.int64, torch.int32)
     ):
         search, replace = _search_and_replace(policy, with_padding)
         example_inputs = [
-            torch.zeros(_EXAMPLE_TOKENS, _EXAMPLE_TOP_K, dtype=torch.int64),
+            torch.zeros(_EXAMPLE_TOKENS, _EXAMPLE_TOP_K, dtype=ids_dtype),
             torch.zeros(_EXAMPLE_EXPERTS, _EXAMPLE_SLOTS, dtype=map_dtype),
-            torch.ones(_EXAMPLE_EXPERTS, dtype=count_dtype),
+            torch.ones(_EXAMPLE_EXPERTS, dtype=map_dtype),
             torch.zeros(_EXAMPLE_EXPERTS + 8, dtype=torch.int32),
             torch.tensor(True),
         ] + ([torch.tensor(_EXAMPLE_TOKENS)] if with_padding else [])
@@ -120,20 +121,102 @@ def _getitem_users(node: torch.fx.Node) -> dict[int, torch.fx.Node] | None:
     return out
 
 
+def _is_integer_cast(node: torch.fx.Node) -> bool:
+    if node.target is not torch.ops.prims.convert_element_type.default:
+        return False
+    dtype = node.args[1]
+    return not dtype.is_floating_point and dtype != torch.bool
+
+
+def _is_column_slice(node, start, end=None) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.target is torch.ops.aten.slice.Tensor
+        and tuple(node.args[1:3]) == (1, start)
+        and (end is None or node.args[3] == end)
+    )
+
+
+@dataclass
+class _RouteToRemap:
+    """The nodes between a ``route`` op and the ``eplb_remap`` that consumes its ids."""
+
+    route: torch.fx.Node
+    ids: torch.fx.Node
+    between: list[torch.fx.Node]  # integer casts and the routed-columns slice, remap side first
+    shared_cat: torch.fx.Node | None = None  # cat(routed physical ids, shared ids)
+
+
+def _find_route(remap: torch.fx.Node) -> _RouteToRemap | None:
+    """Walk from the remap's ids back to a ``route`` op, through lossless integer
+    casts and, with shared experts, the slice of the routed columns."""
+    node, between = remap.args[0], []
+    while isinstance(node, torch.fx.Node) and (_is_integer_cast(node) or _is_column_slice(node, 0)):
+        if _single_user(node) is not (between[-1] if between else remap):
+            return None
+        between.append(node)
+        node = node.args[0]
+    if not (
+        isinstance(node, torch.fx.Node) and node.target is operator.getitem and node.args[1] == 1
+    ):
+        return None
+    route = node.args[0]
+    if route.target is not torch.ops.moe_compile.route.default:
+        return None
+    found = _RouteToRemap(route, node, between)
+    routed_slices = [n for n in between if _is_column_slice(n, 0)]
+    num_shared = _route_arg(route, "num_fused_shared_experts")
+    if num_shared == 0:
+        return (
+            found
+            if not routed_slices and _single_user(node) is between_head(found, remap)
+            else None
+        )
+    # Shared experts: ids -> [routed slice -> ... -> remap] and [shared slice -> cat].
+    top_k = _route_arg(route, "top_k")
+    if len(routed_slices) != 1 or not _is_column_slice(routed_slices[0], 0, top_k):
+        return None
+    others = [u for u in node.users if u is not between_head(found, remap)]
+    if len(others) != 1 or not _is_column_slice(others[0], top_k):
+        return None
+    cat = _single_user(others[0])
+    remap_ids = [u for u in remap.users if u.target is operator.getitem and u.args[1] == 0]
+    if (
+        cat is None
+        or cat.target is not torch.ops.aten.cat.default
+        or len(remap_ids) != 1
+        or list(cat.args[0]) != [remap_ids[0], others[0]]
+        or _single_user(remap_ids[0]) is not cat
+    ):
+        return None
+    found.shared_cat = cat
+    return found
+
+
+def between_head(found: _RouteToRemap, remap: torch.fx.Node) -> torch.fx.Node:
+    """The node that reads the route's ids on the way to the remap."""
+    return found.between[-1] if found.between else remap
+
+
+def _route_arg(route: torch.fx.Node, name: str):
+    params = [a.name for a in route.target._schema.arguments]
+    index = params.index(name)
+    return route.args[index] if index < len(route.args) else route.kwargs[name]
+
+
 def fold_remap_into_routing(graph: torch.fx.Graph) -> int:
     """``route -> eplb_remap`` becomes one ``route_eplb``; returns how many were folded."""
     route_op = torch.ops.moe_compile.route.default
-    remap_op = torch.ops.moe_compile.eplb_remap.default
     route_eplb_op = torch.ops.moe_compile.route_eplb.default
     route_params = [a.name for a in route_op._schema.arguments]
     folded = 0
-    for remap in list(graph.find_nodes(op="call_function", target=remap_op)):
-        ids = remap.args[0]
-        if not (isinstance(ids, torch.fx.Node) and ids.target is operator.getitem):
+    for remap in list(
+        graph.find_nodes(op="call_function", target=torch.ops.moe_compile.eplb_remap.default)
+    ):
+        found = _find_route(remap)
+        if found is None:
             continue
-        route = ids.args[0]
-        if route.target is not route_op or ids.args[1] != 1 or _single_user(ids) is not remap:
-            continue
+        route = found.route
         route_outputs, remap_outputs = _getitem_users(route), _getitem_users(remap)
         if route_outputs is None or remap_outputs is None:
             continue
@@ -146,17 +229,23 @@ def fold_remap_into_routing(graph: torch.fx.Graph) -> int:
             num_unpadded_tokens=remap.args[5],
             replica_policy=remap.args[6],
         )
-        with graph.inserting_before(remap):
+        with graph.inserting_before(found.shared_cat or remap):
             fused = graph.call_function(auto_functionalized, (route_eplb_op,), kwargs)
-            outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
-        set_fake_values(fused, outputs)
-        for index, new in ((0, outputs[0]),):
-            if index in route_outputs:
-                route_outputs[index].replace_all_uses_with(new)
-        for index, new in ((0, outputs[1]), (1, outputs[2])):
-            if index in remap_outputs:
-                remap_outputs[index].replace_all_uses_with(new)
-        for node in [*remap_outputs.values(), remap, *route_outputs.values(), route]:
-            graph.erase_node(node)
+            weights, ids, load = (
+                graph.call_function(operator.getitem, (fused, i)) for i in range(3)
+            )
+        set_fake_values(fused, [weights, ids, load])
+        if 0 in route_outputs:
+            route_outputs[0].replace_all_uses_with(weights)
+        physical_ids = found.shared_cat or remap_outputs.get(0)
+        if physical_ids is not None:
+            physical_ids.replace_all_uses_with(ids)
+        if 1 in remap_outputs:
+            remap_outputs[1].replace_all_uses_with(load)
+        dead = [found.shared_cat, *remap_outputs.values(), remap, *found.between]
+        dead += [*(u for u in found.ids.users), *route_outputs.values(), route]
+        for node in dict.fromkeys(n for n in dead if n is not None):
+            if not node.users:
+                graph.erase_node(node)
         folded += 1
     return folded

@@ -99,7 +99,7 @@ class SharedRoutedRouter(BaseRouter):
     def _apply_eplb_mapping(self, topk_ids):
         if self.eplb_state is None:
             return topk_ids
-        routed_ids = super()._apply_eplb_mapping(topk_ids[:, : self.top_k].contiguous())
+        routed_ids = super()._apply_eplb_mapping(topk_ids[:, : self.top_k])
         return torch.cat([routed_ids, topk_ids[:, self.top_k :]], dim=-1)
 
 

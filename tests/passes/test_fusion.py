@@ -31,7 +31,7 @@ ROUTER_CONFIGS = {
     ),
     "shared_routed": dict(num_fused_shared_experts=2),
 }
-EPLB_FUSES = {name for name in ROUTER_CONFIGS if name != "shared_routed"}
+EPLB_FUSES = set(ROUTER_CONFIGS)
 
 
 def run_both(router, state, logits):
