@@ -260,7 +260,7 @@ class EplbState:
     # ------------------------------------------------------------------ maps
 
     def _check_map(self, physical_to_logical: torch.Tensor, name: str) -> torch.Tensor:
-        p2l = torch.as_tensor(physical_to_logical).detach().to("cpu", torch.int64)
+        p2l = torch.as_tensor(physical_to_logical).detach().to("cpu", torch.int64, copy=True)
         expected = (self.num_layers, self.num_physical_experts)
         if tuple(p2l.shape) != expected:
             raise ValueError(f"{name} must be {list(expected)}, got {list(p2l.shape)}")
@@ -378,7 +378,7 @@ class EplbState:
     def plan(self) -> torch.Tensor:
         """``[L, P]`` the policy's placement for the window's load (a collective)."""
         load = self.logical_load().cpu()
-        old = self.physical_to_logical_map.cpu()
+        old = self.physical_to_logical_map.to("cpu", copy=True)
         new, _, _ = rebalance(
             load,
             self.num_physical_experts,
@@ -404,7 +404,7 @@ class EplbState:
         counts refer to the old slots). Raises ``EplbTransferError`` if a rank
         fails; uncommitted layers keep their old weights and maps.
         """
-        old = self.physical_to_logical_map.cpu()
+        old = self.physical_to_logical_map.to("cpu", copy=True)
         if new_physical_to_logical is None:
             new = self.plan()
         else:

@@ -209,8 +209,8 @@ class ExpertWeightMover:
                 f"ep_size={self.ep_size} needs torch.distributed to be initialised to move "
                 "expert weights"
             )
-        old = old_physical_to_logical.detach().to("cpu", torch.int64)
-        new = new_physical_to_logical.detach().to("cpu", torch.int64)
+        old = old_physical_to_logical.detach().to("cpu", torch.int64, copy=True)
+        new = new_physical_to_logical.detach().to("cpu", torch.int64, copy=True)
         num_layers = len(layer_weights)
         if old.shape != new.shape or old.dim() != 2 or old.shape[0] != num_layers:
             raise ValueError(
