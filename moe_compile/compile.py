@@ -43,6 +43,25 @@ def _mark_tensor_args(_module, args):
     mark_dynamic_tokens(*args)
 
 
+def compile_options(
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    fusion: dict[str, Any] | None = None,
+    dynamic: bool | None = None,
+) -> dict[str, Any]:
+    """Inductor options for ``mode`` + ``options`` with the fusion pass installed.
+
+    ``torch.compile`` takes a mode or options, not both, so the mode is
+    spelled out as its options; a ``post_grad_custom_post_pass`` already in
+    ``options`` keeps running after ours.
+    """
+    options = dict(options or {})
+    if mode is not None:
+        options = {**torch._inductor.list_mode_options(mode, dynamic), **options}
+    options.update(inductor_options(options.pop(_PASS_OPTION, None), **(fusion or {})))
+    return options
+
+
 def compile(
     model_or_fn,
     *,
@@ -58,13 +77,12 @@ def compile(
     ("reduce-overhead", "max-autotune", ...) and ``options`` compose with
     the pass, including a user's own ``post_grad_custom_post_pass``.
     """
-    options = dict(torch_compile_kwargs.pop("options", None) or {})
-    mode = torch_compile_kwargs.pop("mode", None)
-    if mode is not None:
-        # torch.compile takes mode or options, not both: spell the mode as options.
-        mode_options = torch._inductor.list_mode_options(mode, torch_compile_kwargs.get("dynamic"))
-        options = {**mode_options, **options}
-    options.update(inductor_options(options.pop(_PASS_OPTION, None), **(fusion or {})))
+    options = compile_options(
+        torch_compile_kwargs.pop("mode", None),
+        torch_compile_kwargs.pop("options", None),
+        fusion,
+        dynamic=torch_compile_kwargs.get("dynamic"),
+    )
     compiled = torch.compile(model_or_fn, options=options, **torch_compile_kwargs)
     if not dynamic_tokens:
         return compiled

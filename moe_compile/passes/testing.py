@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._inductor.decomposition import select_decomp_table
-from torch._inductor.fx_passes.post_grad import remove_noop_ops, view_to_reshape
+from torch._inductor.fx_passes.joint_graph import joint_graph_passes
 
 from .manager import MoEFusionPass
 from .printer import canonical_graph, count_ops
+from .tracing import canonicalize_like_inductor
 
 
 @dataclass
@@ -45,11 +46,9 @@ class PassTestBackend:
         )
 
     def _compile_forward(self, gm: torch.fx.GraphModule, example_inputs):
-        # The steps Inductor takes before its custom post pass that change
-        # what the pattern matcher sees.
-        view_to_reshape(gm)
-        gm.graph.eliminate_dead_code()
-        remove_noop_ops(gm.graph)
+        # What Inductor does to an inference graph before its custom post pass.
+        joint_graph_passes(gm)
+        canonicalize_like_inductor(gm)
         before, ops_before = canonical_graph(gm), count_ops(gm)
         if self.fusion_pass is not None:
             self.fusion_pass(gm.graph)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
-from torch._inductor.fx_passes.post_grad import view_to_reshape
+from torch._inductor.fx_passes.joint_graph import constant_fold_uniform_value
+from torch._inductor.fx_passes.post_grad import remove_noop_ops, view_to_reshape
 from torch._inductor.pattern_matcher import fwd_only
 
 
@@ -14,9 +15,19 @@ def trace_post_grad(fn, args, **kwargs) -> torch.fx.GraphModule:
     such as ``weights /= ...`` become their out-of-place forms) and with views
     spelled as reshapes."""
     gm = fwd_only(torch.func.functionalize(fn, remove="mutations"), args, **kwargs)
-    view_to_reshape(gm)
-    gm.recompile()
+    canonicalize_like_inductor(gm)
     return gm
+
+
+def canonicalize_like_inductor(gm: torch.fx.GraphModule) -> None:
+    """The rewrites Inductor applies before its post-grad custom passes that
+    change how routing code is spelled (scalar constants become ``full``,
+    views become reshapes, no-ops vanish)."""
+    constant_fold_uniform_value(gm)
+    view_to_reshape(gm)
+    gm.graph.eliminate_dead_code()
+    remove_noop_ops(gm.graph)
+    gm.recompile()
 
 
 def _fake_value(arg):
