@@ -315,13 +315,27 @@ def route_reference(
 
 
 # ---------------------------------------------------------------- device choice
-def use_triton_kernel(device: torch.device) -> bool:
+MAX_KERNEL_ROW = 1024
+"""Widest padded expert row (groups x group size, each padded to a power of 2) the kernel holds."""
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def use_triton_kernel(device: torch.device, num_routed: int = 0, num_expert_group: int = 0) -> bool:
     """The one place that picks the implementation: Triton on CUDA, plain PyTorch elsewhere.
 
-    On the CPU the Triton kernel runs only under the Triton interpreter
-    (``TRITON_INTERPRET=1``) when ``MOE_COMPILE_INTERPRET_KERNELS=1`` asks for
-    it, eagerly: it is for testing the kernel without a GPU.
+    Rows wider than the kernel holds (more than ``MAX_KERNEL_ROW`` padded
+    routed experts) also take the plain-PyTorch path. On the CPU the Triton
+    kernel runs only under the Triton interpreter (``TRITON_INTERPRET=1``)
+    when ``MOE_COMPILE_INTERPRET_KERNELS=1`` asks for it, eagerly: it is for
+    testing the kernel without a GPU.
     """
+    groups = max(num_expert_group, 1)
+    row = _next_power_of_2(groups) * _next_power_of_2(num_routed // groups)
+    if row > MAX_KERNEL_ROW:
+        return False
     if device.type == "cuda":
         return True
     return (
@@ -393,7 +407,7 @@ def _route_op(
         num_fused_shared_experts,
         indices_dtype,
     )
-    check_route_args(
+    num_routed = check_route_args(
         router_logits,
         e_score_correction_bias,
         top_k,
@@ -403,7 +417,7 @@ def _route_op(
         num_fused_shared_experts,
         indices_dtype,
     )
-    if use_triton_kernel(router_logits.device):
+    if use_triton_kernel(router_logits.device, num_routed, num_expert_group):
         return _route_triton(*args)
     return route_reference(*args)
 
@@ -466,7 +480,7 @@ def _route_eplb_op(
         should_record_tensor=should_record,
         num_unpadded_tokens=num_unpadded_tokens,
     )
-    if use_triton_kernel(router_logits.device):
+    if use_triton_kernel(router_logits.device, num_routed, num_expert_group):
         return _route_triton(*args, eplb=(state, replica_policy))
     return route_reference(*args, eplb_state=state, replica_policy=replica_policy)
 
