@@ -122,30 +122,27 @@ def grouped_topk_reference(
     routed_scaling_factor: float = 1.0,
     bias_atol: float = 1e-6,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """DeepSeek grouped top-k, one token at a time, in float64."""
+    """DeepSeek grouped top-k in float64."""
     scores = scores64(logits, scoring_func)
     num_tokens, num_experts = scores.shape
     group_size = num_experts // num_expert_group
     choice = scores if bias is None else scores + bias.double().numpy()
     atol = 0.0 if bias is None else bias_atol
-    weights = np.zeros((num_tokens, top_k))
-    ids = np.zeros((num_tokens, top_k), dtype=np.int64)
-    for token in range(num_tokens):
-        per_group = choice[token].reshape(num_expert_group, group_size)
-        if bias is None:
-            group_score = per_group.max(axis=1)
-        else:
-            best_two = -np.sort(-per_group, axis=1)[:, :2]
-            group_score = best_two[:, 0] + best_two[:, 1]
-        assert_clean_ranking(group_score[None], topk_group, atol=2 * atol)
-        kept_groups = rank_desc_lower_index_first(group_score[None])[0, :topk_group]
-        masked = np.full(num_experts, -np.inf)
-        for group in kept_groups:
-            members = slice(group * group_size, (group + 1) * group_size)
-            masked[members] = choice[token, members]
-        assert_clean_ranking(masked[None], top_k, atol=atol)
-        ids[token] = rank_desc_lower_index_first(masked[None])[0, :top_k]
-        weights[token] = scores[token, ids[token]]
+    per_group = choice.reshape(num_tokens, num_expert_group, group_size)
+    if bias is None:
+        group_score = per_group.max(axis=2, initial=-np.inf)
+    else:
+        best_two = -np.sort(-per_group, axis=2)[:, :, :2]
+        group_score = best_two[:, :, 0] + best_two[:, :, 1]
+    assert_clean_ranking(group_score, topk_group, atol=2 * atol)
+    kept_groups = rank_desc_lower_index_first(group_score)[:, :topk_group]
+    group_is_kept = np.zeros((num_tokens, num_expert_group), dtype=bool)
+    np.put_along_axis(group_is_kept, kept_groups, True, axis=1)
+    expert_is_kept = np.repeat(group_is_kept, group_size, axis=1)
+    masked = np.where(expert_is_kept, choice, -np.inf)
+    assert_clean_ranking(masked, top_k, atol=atol)
+    ids = rank_desc_lower_index_first(masked)[:, :top_k]
+    weights = np.take_along_axis(scores, ids, axis=1)
     if renormalize:
         weights = renormalized(weights, scoring_func)
     return weights * routed_scaling_factor, ids
