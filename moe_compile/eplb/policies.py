@@ -336,8 +336,10 @@ def _align_to_old(
         presence[np.repeat(np.arange(num_gpus), slots_per_gpu), layer] = 1
         return presence
 
+    def per_node(presence: np.ndarray) -> np.ndarray:
+        return presence.reshape(num_nodes, gpus_per_node, num_experts).max(1)
+
     new_held, old_held = held(plan_layer), held(old_layer)
-    per_node = lambda m: m.reshape(num_nodes, gpus_per_node, num_experts).max(1)  # noqa: E731
     node_of = _greedy_max_overlap(per_node(new_held) @ per_node(old_held).T)
     gpu_target = np.empty(num_gpus, dtype=np.int64)
     for node in range(num_nodes):
@@ -351,7 +353,9 @@ def _align_to_old(
     return _place_in_old_slots(gpu_experts, old_layer)
 
 
-def _repair_counts(weight: np.ndarray, old_counts: np.ndarray, peak: float, total: int):
+def _repair_counts(
+    weight: np.ndarray, old_counts: np.ndarray, peak: float, total: int
+) -> np.ndarray | None:
     """Replica counts close to the old ones under which no replica exceeds ``peak``."""
     needed = np.maximum(1, np.ceil(weight / peak * (1 - _LOAD_RTOL))).astype(np.int64)
     counts = np.maximum(needed, old_counts)
