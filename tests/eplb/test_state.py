@@ -321,6 +321,72 @@ def test_plan_layer_transfer_pairs_sends_and_receives():
     assert plan1.local_copies == [(0, 2), (2, 0)] and plan1.changed_slots == [0, 1, 2]
 
 
+@pytest.mark.parametrize("ep_size,slots_per_rank,num_experts", [(2, 6, 8), (4, 3, 8), (8, 5, 24)])
+def test_transfer_plans_of_all_ranks_pair_up_and_deliver_every_expert(
+    ep_size, slots_per_rank, num_experts
+):
+    """Simulate the network in-process: every receive meets the matching send, and
+    after the plans run each slot holds the value of its new logical expert."""
+    gen = torch.Generator().manual_seed(ep_size * 100 + num_experts)
+    num_physical = ep_size * slots_per_rank
+
+    def random_map():
+        extra = torch.randint(0, num_experts, (num_physical - num_experts,), generator=gen)
+        row = torch.cat([torch.randperm(num_experts, generator=gen), extra])
+        return row[torch.randperm(num_physical, generator=gen)].tolist()
+
+    for _ in range(5):
+        old, new = random_map(), random_map()
+        plans = [plan_layer_transfer(old, new, ep_size, rank) for rank in range(ep_size)]
+        # Old weights: slot value = 10 * logical expert + 0.5 (any injective function).
+        weights = [
+            [10.0 * old[r * slots_per_rank + j] + 0.5 for j in range(slots_per_rank)]
+            for r in range(ep_size)
+        ]
+        sent = {
+            (src, dst): [
+                (expert, weights[src][slot])
+                for peer, expert, slot in plans[src].sends
+                if peer == dst
+            ]
+            for src in range(ep_size)
+            for dst in range(ep_size)
+        }
+        for rank, plan in enumerate(plans):
+            buffer = [None] * slots_per_rank
+            for peer in range(ep_size):
+                receives = [(expert, slot) for p, expert, slot in plan.recvs if p == peer]
+                assert [e for e, _ in receives] == [e for e, _ in sent[(peer, rank)]]
+                for (_, slot), (_, value) in zip(receives, sent[(peer, rank)], strict=True):
+                    buffer[slot] = value
+            for dst, src in plan.local_copies:
+                buffer[dst] = weights[rank][src]
+            for dst, src in plan.fan_out:
+                buffer[dst] = buffer[src]
+            final = list(weights[rank])
+            for slot in plan.changed_slots:
+                final[slot] = buffer[slot]
+            base = rank * slots_per_rank
+            assert final == [10.0 * new[base + j] + 0.5 for j in range(slots_per_rank)]
+            assert plan.changed_slots == [
+                j for j in range(slots_per_rank) if old[base + j] != new[base + j]
+            ]
+        # One message per (rank, expert) pair that is new on the rank.
+        pairs = sum(
+            len(
+                set(new[r * slots_per_rank : (r + 1) * slots_per_rank])
+                - set(old[r * slots_per_rank : (r + 1) * slots_per_rank])
+            )
+            for r in range(ep_size)
+        )
+        assert sum(len(plan.recvs) for plan in plans) == pairs
+
+
+def test_transfer_plan_refuses_to_lose_an_expert():
+    with pytest.raises(ValueError, match="logical expert 3 is needed"):
+        plan_layer_transfer([0, 1, 2, 2], [0, 1, 2, 3], 2, 0)
+
+
 # --- bad input ------------------------------------------------------------------------
 
 
