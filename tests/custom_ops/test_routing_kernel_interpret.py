@@ -1,0 +1,313 @@
+"""The Triton routing kernel itself, on the CPU, under the Triton interpreter.
+
+``TRITON_INTERPRET=1`` must be set before Triton compiles (decorates) the
+kernel, so the cases run in one subprocess (this file run as a script) with
+the environment set; each pytest case then checks its recorded outcome. Every
+case compares the kernel with ``route_reference`` (the eager routers + EPLB
+mapping): ids and loads exactly, weights to 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RESULT_MARKER = "INTERPRET_RESULTS="
+
+
+def _cases():
+    """name -> keyword arguments of :func:`_run_case` (small sizes: the interpreter is slow)."""
+    cases = {
+        "softmax_E8_k2_T0": dict(num_experts=8, top_k=2, num_tokens=0),
+        "softmax_E8_k2_T1": dict(num_experts=8, top_k=2, num_tokens=1),
+        "softmax_E8_k2_T37_fp16": dict(num_experts=8, top_k=2, num_tokens=37, dtype="float16"),
+        "softmax_raw_E60_k6_fp32": dict(
+            num_experts=60, top_k=6, num_tokens=7, dtype="float32", renormalize=False
+        ),
+        "sigmoid_raw_E60_k6_ties": dict(
+            num_experts=60, top_k=6, num_tokens=9, scoring="sigmoid", renormalize=False, ties=True
+        ),
+        "sqrtsoftplus_bias_E128_k1": dict(
+            num_experts=128, top_k=1, num_tokens=5, scoring="sqrtsoftplus", bias=True, scale=2.5
+        ),
+        "sqrtsoftplus_raw_E16_k4_ties": dict(
+            num_experts=16,
+            top_k=4,
+            num_tokens=9,
+            scoring="sqrtsoftplus",
+            renormalize=False,
+            ties=True,
+        ),
+        "softmax_bias_E32_k3_ties": dict(
+            num_experts=32, top_k=3, num_tokens=9, bias=True, ties=True, scale=0.5
+        ),
+        "grouped_sigmoid_bias_E64_g8_k6": dict(
+            num_experts=64,
+            top_k=6,
+            num_tokens=11,
+            scoring="sigmoid",
+            bias=True,
+            scale=2.5,
+            groups=8,
+            topk_group=3,
+            ties=True,
+        ),
+        "grouped_softmax_E48_g6_k4_fp32": dict(
+            num_experts=48, top_k=4, num_tokens=6, groups=6, topk_group=2, dtype="float32"
+        ),
+        "grouped_softmax_E256_g8_k8": dict(
+            num_experts=256, top_k=8, num_tokens=3, groups=8, topk_group=4
+        ),
+        "shared_E12_n2_k2": dict(num_experts=12, top_k=2, num_tokens=7, shared=2),
+        "shared_E12_n3_k2_eplb": dict(num_experts=12, top_k=2, num_tokens=7, shared=3, eplb=True),
+        "softmax_E256_k8_eplb_token_hash": dict(
+            num_experts=256, top_k=8, num_tokens=4, eplb=True, policy="token_hash"
+        ),
+        "softmax_E40_k5_noncontiguous": dict(
+            num_experts=40, top_k=5, num_tokens=6, strided=True, indices="int16"
+        ),
+        "op_path_route": dict(num_experts=24, top_k=3, num_tokens=5, via_op=True),
+        "op_path_route_eplb": dict(
+            num_experts=24, top_k=3, num_tokens=5, via_op=True, eplb=True, indices="int64"
+        ),
+    }
+    for policy in ("token_hash", "modulo"):
+        for load_dtype in ("int32", "int64", "float32"):
+            cases[f"eplb_{policy}_{load_dtype}_many_tiles"] = dict(
+                num_experts=20,
+                top_k=3,
+                num_tokens=37,
+                eplb=True,
+                policy=policy,
+                load_dtype=load_dtype,
+                small_tiles=True,
+                ties=load_dtype == "int64",
+            )
+        for unpadded in (0, 5, 60):
+            cases[f"eplb_{policy}_unpadded_{unpadded}"] = dict(
+                num_experts=20,
+                top_k=3,
+                num_tokens=23,
+                eplb=True,
+                policy=policy,
+                unpadded=unpadded,
+                small_tiles=True,
+            )
+        cases[f"eplb_{policy}_record_off"] = dict(
+            num_experts=20, top_k=3, num_tokens=9, eplb=True, policy=policy, record=False
+        )
+        cases[f"eplb_{policy}_corrupt_map"] = dict(
+            num_experts=20,
+            top_k=3,
+            num_tokens=31,
+            eplb=True,
+            policy=policy,
+            corrupt=True,
+            small_tiles=True,
+        )
+    return cases
+
+
+CASES = _cases()
+
+
+# ---------------------------------------------------------------- runs inside the subprocess
+def _run_case(
+    num_experts,
+    top_k,
+    num_tokens,
+    dtype="bfloat16",
+    scoring="softmax",
+    renormalize=True,
+    bias=False,
+    scale=1.0,
+    groups=0,
+    topk_group=0,
+    shared=0,
+    ties=False,
+    eplb=False,
+    policy="token_hash",
+    load_dtype="int32",
+    unpadded=None,
+    record=True,
+    corrupt=False,
+    small_tiles=False,
+    strided=False,
+    indices="int32",
+    via_op=False,
+):
+    import torch
+    from moe_reference import grid_logits, random_replica_layout
+
+    from moe_compile.custom_ops import _routing_kernels, routing
+    from moe_compile.eplb import EplbLayerState
+
+    generator = torch.Generator().manual_seed(num_experts * 1000 + num_tokens + top_k)
+    width = num_experts + shared
+    if ties:
+        logits = grid_logits(num_tokens, width, generator)
+    else:
+        logits = torch.randn(num_tokens, width, generator=generator) * 2
+    logits = logits.to(getattr(torch, dtype))
+    if strided:
+        wide = torch.zeros(num_tokens, width + 9, dtype=logits.dtype)
+        wide[:, 3 : 3 + width] = logits
+        logits = wide[:, 3 : 3 + width]
+        assert not logits.is_contiguous()
+    bias_tensor = None
+    if bias:
+        bias_tensor = (torch.randint(0, 3, (num_experts,), generator=generator) * 2).float()
+        if not ties:
+            bias_tensor = torch.randn(num_experts, generator=generator) * 0.1
+    indices_dtype = getattr(torch, indices)
+    args = (
+        logits,
+        bias_tensor,
+        top_k,
+        scoring,
+        renormalize,
+        scale,
+        groups,
+        topk_group,
+        shared,
+        indices_dtype,
+    )
+
+    def make_state():
+        l2p, counts, num_physical = random_replica_layout(
+            num_experts, num_experts // 2, generator, max_replicas=4
+        )
+        if corrupt:
+            l2p[1, 0] = num_physical + 3  # outside [0, P): returned, never counted
+            l2p[2, 0] = -5
+            counts[3] = 9  # more replicas than map slots: clamped to 4
+        backing = torch.full((num_physical + 16,), 7, dtype=getattr(torch, load_dtype))
+        state = EplbLayerState(
+            expert_load_view=backing[8 : 8 + num_physical],
+            logical_to_physical_map=l2p,
+            logical_replica_count=counts,
+            should_record_tensor=torch.tensor(record),
+            num_unpadded_tokens=None if unpadded is None else torch.tensor(unpadded),
+        )
+        state.expert_load_view.zero_()
+        return state, backing
+
+    if small_tiles:
+        _routing_kernels.set_config_override(
+            _routing_kernels.RouteKernelConfig(block_tokens=4, num_warps=1, programs_per_sm=1)
+        )
+    launches = []
+    real_launch = _routing_kernels.launch_route_kernel
+
+    def counting_launch(*a, **kw):
+        launches.append(1)
+        return real_launch(*a, **kw)
+
+    _routing_kernels.launch_route_kernel = counting_launch
+    try:
+        if eplb:
+            state, backing = make_state()
+            ref_state = EplbLayerState(
+                expert_load_view=torch.zeros_like(state.expert_load_view),
+                logical_to_physical_map=state.logical_to_physical_map,
+                logical_replica_count=state.logical_replica_count,
+                should_record_tensor=state.should_record_tensor,
+                num_unpadded_tokens=state.num_unpadded_tokens,
+            )
+            if via_op:
+                weights, ids = torch.ops.moe_compile.route_eplb(
+                    *args,
+                    state.logical_to_physical_map,
+                    state.logical_replica_count,
+                    state.expert_load_view,
+                    state.should_record_tensor,
+                    state.num_unpadded_tokens,
+                    policy,
+                )
+            else:
+                weights, ids = routing._route_triton(*args, eplb=(state, policy))
+            ref_weights, ref_ids = routing.route_reference(
+                *args, eplb_state=ref_state, replica_policy=policy
+            )
+            load, ref_load = state.expert_load_view, ref_state.expert_load_view
+            assert torch.equal(load, ref_load), f"load {load.tolist()} != {ref_load.tolist()}"
+            guard = torch.cat([backing[:8], backing[8 + load.numel() :]])
+            assert bool((guard == 7).all()), f"wrote outside expert_load_view: {backing.tolist()}"
+            expected_total = 0
+            if record:
+                physical = ref_ids[:, :top_k].long()
+                in_range = (physical >= 0) & (physical < load.numel())
+                rows = num_tokens if unpadded is None else min(unpadded, num_tokens)
+                expected_total = int(in_range[:rows].sum())
+            assert float(load.sum()) == expected_total
+            if corrupt:
+                assert (
+                    bool((ref_ids < 0).any() or (ref_ids >= load.numel()).any()) or num_tokens == 0
+                )
+        elif via_op:
+            weights, ids = torch.ops.moe_compile.route(*args)
+            ref_weights, ref_ids = routing.route_reference(*args)
+        else:
+            weights, ids = routing._route_triton(*args)
+            ref_weights, ref_ids = routing.route_reference(*args)
+    finally:
+        _routing_kernels.launch_route_kernel = real_launch
+        _routing_kernels.set_config_override(None)
+
+    assert launches, "the Triton kernel was not launched"
+    assert ids.dtype == indices_dtype and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == (num_tokens, top_k + shared)
+    assert torch.equal(ids, ref_ids), f"ids\n{ids.tolist()}\n!=\n{ref_ids.tolist()}"
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=0)
+
+
+def _main() -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    from moe_compile.custom_ops import _routing_kernels
+
+    if not _routing_kernels._INTERPRETING:
+        raise SystemExit("run with TRITON_INTERPRET=1")
+    results = {}
+    for name, kwargs in CASES.items():
+        try:
+            _run_case(**kwargs)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    print(RESULT_MARKER + json.dumps(results))
+
+
+# ---------------------------------------------------------------- pytest side
+@pytest.fixture(scope="module")
+def interpreted_results():
+    env = dict(os.environ)
+    env.update(
+        TRITON_INTERPRET="1",
+        MOE_COMPILE_INTERPRET_KERNELS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        PYTHONWARNINGS="ignore",
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreter run failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_MARKER) :])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference_under_interpreter(interpreted_results, name):
+    outcome = interpreted_results[name]
+    assert outcome == "ok", outcome
+
+
+if __name__ == "__main__":
+    _main()
