@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-STRATEGIES = ("kernel",)
+STRATEGIES = ("kernel", "inductor")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,9 @@ class FusionConfig:
     """What the pass fuses and how it lowers the fused routing.
 
     ``strategy="kernel"`` emits the ``moe_compile`` custom ops (one Triton
-    kernel on the GPU, the eager math on the CPU).
+    kernel on the GPU, the eager math on the CPU); ``"inductor"`` rewrites
+    them into reductions and atomics that Inductor fuses into one kernel of
+    its own (see ``passes/lowering.py``).
     """
 
     strategy: str = "kernel"
@@ -60,6 +62,7 @@ class MoEFusionPass(CustomGraphPass):
         # Deferred so that importing moe_compile does not trace any pattern.
         from .eplb import eplb_patterns, fold_remap_into_routing
         from .index_cast import fold_index_casts
+        from .lowering import lowering_patterns
         from .routing import routing_patterns
 
         applied = {}
@@ -70,6 +73,8 @@ class MoEFusionPass(CustomGraphPass):
             applied["route_eplb"] = fold_remap_into_routing(graph)
         if self.config.fold_index_casts:
             applied["index_cast"] = fold_index_casts(graph)
+        if self.config.strategy == "inductor":
+            applied["inductor_lowering"] = lowering_patterns().apply(graph)
         graph.lint()
         for name, count in applied.items():
             counters["moe_compile"][name] += count

@@ -7,6 +7,7 @@ import torch
 from pass_helpers import make_eplb_state, tied_logits
 
 import moe_compile as mc
+from moe_compile.passes import FusionConfig, MoEFusionPass
 from moe_compile.passes.testing import PassTestBackend
 
 NUM_EXPERTS, TOP_K, NUM_TOKENS = 16, 3, 9
@@ -34,10 +35,10 @@ ROUTER_CONFIGS = {
 EPLB_FUSES = set(ROUTER_CONFIGS)
 
 
-def run_both(router, state, logits):
+def run_both(router, state, logits, strategy="kernel"):
     """Eager and compiled results with their load counts, from the same start."""
     hidden = torch.randn(logits.shape[0], 4)
-    backend = PassTestBackend()
+    backend = PassTestBackend(MoEFusionPass(FusionConfig(strategy=strategy)))
     compiled = torch.compile(router.select_experts, backend=backend, fullgraph=True)
     results = []
     for fn in (router.select_experts, compiled):
@@ -63,6 +64,15 @@ def assert_same(eager, compiled):
     list(itertools.product(ROUTER_CONFIGS, (False, True), (torch.float32, torch.bfloat16))),
 )
 def test_every_router_fuses_and_matches_eager(name, eplb, logits_dtype):
+    check_router_fusion(name, eplb, logits_dtype, "kernel")
+
+
+@pytest.mark.parametrize("name,eplb", list(itertools.product(ROUTER_CONFIGS, (False, True))))
+def test_inductor_strategy_decomposition_matches_eager(name, eplb):
+    check_router_fusion(name, eplb, torch.bfloat16, "inductor")
+
+
+def check_router_fusion(name, eplb, logits_dtype, strategy):
     config = ROUTER_CONFIGS[name]
     num_logits = NUM_EXPERTS + config.get("num_fused_shared_experts", 0)
     state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4) if eplb else None
@@ -73,10 +83,14 @@ def test_every_router_fuses_and_matches_eager(name, eplb, logits_dtype):
         **config,
     )
     logits = tied_logits(NUM_TOKENS, num_logits, logits_dtype)
-    (eager, compiled), graph = run_both(router, state, logits)
+    (eager, compiled), graph = run_both(router, state, logits, strategy)
     assert_same(eager, compiled)
-
     assert graph.applied["routing"] == 1
+    if strategy == "inductor":
+        assert graph.applied["inductor_lowering"] == 1
+        assert "moe_compile" not in graph.after and "aten.sort" not in graph.after
+        return
+
     fused_op = "moe_compile.route"
     if eplb and name in EPLB_FUSES:
         assert graph.applied["route_eplb"] == 1
