@@ -329,8 +329,10 @@ def launch_route_kernel(
 ) -> None:
     """Fill ``weights`` / ``ids`` ``[T, top_k + n_shared]``; with ``eplb = (state, policy)``
     also add the load into ``state.expert_load_view``. Arguments are checked by the caller."""
+    # Sizes that become constexprs are made concrete (under dynamic shapes this
+    # specializes them, as the kernel must); the token count stays symbolic.
     num_tokens = router_logits.shape[0]
-    num_routed = router_logits.shape[1] - num_fused_shared_experts
+    num_routed = int(router_logits.shape[1]) - num_fused_shared_experts
     groups = num_expert_group if num_expert_group > 1 else 1
     group_size = num_routed // groups
     groups_pad, group_pad = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
@@ -348,7 +350,7 @@ def launch_route_kernel(
         )
         num_physical, max_replicas = load.shape[0], l2p.shape[1]
         eplb_strides = (l2p.stride(0), l2p.stride(1), counts.stride(0), load.stride(0))
-        load_bins = max(32, triton.next_power_of_2(num_physical + 1))
+        load_bins = max(32, triton.next_power_of_2(int(num_physical) + 1))
     else:
         policy, l2p, counts, load, record, unpadded = "modulo", dummy, dummy, dummy, dummy, None
         num_physical, max_replicas, eplb_strides, load_bins = 0, 1, (0, 0, 0, 0), 32
