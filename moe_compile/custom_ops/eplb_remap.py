@@ -32,7 +32,9 @@ def eplb_remap(
         num_unpadded_tokens,
         replica_policy,
     )
-    new_load = expert_load_view.scatter_add(0, counted_ids, increments.to(expert_load_view.dtype))
+    new_load = expert_load_view.index_put(
+        (counted_ids,), increments.to(expert_load_view.dtype), accumulate=True
+    )
     return physical, new_load
 
 

@@ -38,8 +38,9 @@ def map_to_physical(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The functional core of :func:`eplb_map_to_physical_and_record`.
 
-    Returns ``(physical_ids [T, k] int64, counted_ids [T*k], increments [T*k] bool)``:
-    adding ``increments`` at ``counted_ids`` into the load counter records the batch.
+    Returns ``(physical_ids, counted_ids, increments)``, all ``[T, k]`` (int64,
+    int64, bool): accumulating ``increments`` at ``counted_ids`` into the load
+    counter records the batch.
     """
     if policy not in REPLICA_POLICIES:
         raise ValueError(
@@ -52,12 +53,15 @@ def map_to_physical(
     num_logical = logical_to_physical_map.shape[0]
     num_tokens, top_k = topk_ids.shape
 
-    # Kept 2-D (no flatten of the ids) so the traced graph has the same shape
-    # whether or not the ids arrive contiguous; the passes rely on that.
+    # Everything stays 2-D and the slot index is built from two aranges: no
+    # flatten of the ids and no ``T * k`` size. A traced graph then has no
+    # symbolic-size arithmetic that several layers would share, so the passes
+    # can match each layer's chain on its own.
     ids = topk_ids.long()
     is_logical = (ids >= 0) & (ids < num_logical)
     safe_ids = torch.where(is_logical, ids, 0)
-    slot = torch.arange(num_tokens * top_k, device=ids.device).view(num_tokens, top_k)
+    token = torch.arange(num_tokens, device=ids.device).unsqueeze(-1)
+    slot = token * top_k + torch.arange(top_k, device=ids.device)
     replica_count = logical_replica_count.long()[safe_ids].clamp(min=1)
     replica = replica_index(slot, top_k, replica_count, policy)
     physical = torch.where(is_logical, logical_to_physical_map.long()[safe_ids, replica], -1)
@@ -65,7 +69,7 @@ def map_to_physical(
     record = (physical >= 0) & (physical < num_physical_experts) & should_record
     if num_unpadded_tokens is not None:
         record = record & (slot < num_unpadded_tokens * top_k)
-    return physical, torch.where(record, physical, 0).flatten(), record.flatten()
+    return physical, torch.where(record, physical, 0), record
 
 
 def eplb_map_to_physical_and_record(
@@ -90,5 +94,5 @@ def eplb_map_to_physical_and_record(
         eplb_state.num_unpadded_tokens,
         policy,
     )
-    load.scatter_add_(0, counted_ids, increments.to(load.dtype))
+    load.index_put_((counted_ids,), increments.to(load.dtype), accumulate=True)
     return physical.to(topk_ids.dtype)

@@ -19,7 +19,7 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
 
-import moe_compile.custom_ops.eplb_remap  # noqa: F401  (registers the op the patterns emit)
+import moe_compile.custom_ops  # noqa: F401  (registers the ops the patterns emit)
 from moe_compile.eplb.mapping import REPLICA_POLICIES, map_to_physical
 
 from .tracing import set_fake_values, trace_post_grad
@@ -38,7 +38,7 @@ def _search_and_replace(policy: str, with_padding: bool):
             *unpadded,
             policy=policy,
         )
-        return physical, load.scatter_add(0, counted, increments.to(load.dtype))
+        return physical, load.index_put((counted,), increments.to(load.dtype), accumulate=True)
 
     def replace(topk_ids, logical_to_physical_map, logical_replica_count, load, record, *unpadded):
         return torch.ops.moe_compile.eplb_remap.default(

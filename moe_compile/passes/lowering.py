@@ -131,9 +131,13 @@ def decomposed_route_eplb(
     )
     if num_fused_shared_experts:
         physical = torch.cat([physical, ids[:, top_k:]], dim=-1)
-    new_load = expert_load_view.index_put(
-        (counted,), increments.to(expert_load_view.dtype), accumulate=True
+    # Inductor emits atomics only into int32/float targets and falls back to
+    # ATen for an int64 scatter: count this batch in int32, then add.
+    count_dtype = torch.int32 if expert_load_view.dtype == torch.int64 else expert_load_view.dtype
+    batch_load = torch.zeros_like(expert_load_view, dtype=count_dtype).index_put(
+        (counted,), increments.to(count_dtype), accumulate=True
     )
+    new_load = expert_load_view + batch_load
     return weights, physical.to(indices_dtype), new_load
 
 

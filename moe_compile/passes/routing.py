@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
 
+import moe_compile.custom_ops  # noqa: F401  (registers the ops the patterns emit)
 from moe_compile.router.custom import SharedRoutedRouter
 from moe_compile.router.grouped import grouped_topk
 from moe_compile.router.scoring import SCORING_FUNCS
