@@ -56,6 +56,7 @@ def fresh_state():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_inductor_compile_fuses_and_matches_eager():
     state = make_eplb_state(NUM_EXPERTS, NUM_PHYSICAL)
     router = make_router(state)
@@ -74,6 +75,7 @@ def test_inductor_compile_fuses_and_matches_eager():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow
 def test_fx_graph_cache_hits_on_same_config_and_misses_on_change():
     router = make_router(None)
 

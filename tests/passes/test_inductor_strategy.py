@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 from pass_helpers import make_eplb_state, tied_logits
 from torch._inductor.utils import fresh_cache, run_and_get_code
@@ -9,6 +10,7 @@ from torch._inductor.utils import fresh_cache, run_and_get_code
 import moe_compile as mc
 
 
+@pytest.mark.slow
 def test_one_generated_kernel_for_routing_remap_and_count():
     num_experts, num_physical, top_k = 16, 22, 4
     state = make_eplb_state(num_experts, num_physical, load_dtype=torch.int32)
