@@ -28,54 +28,30 @@ _EXAMPLE_TOKENS, _EXAMPLE_TOP_K, _EXAMPLE_EXPERTS, _EXAMPLE_SLOTS = 13, 6, 32, 3
 
 
 def _search_and_replace(policy: str, with_padding: bool):
-    def search(topk_ids, logical_to_physical_map, logical_replica_count, load, record, *unpadded):
+    """The eager chain and its replacement; the pattern's inputs are named after
+    the parameters, so the form without padding has its own signature."""
+
+    def remap(ids, l2p, counts, load, record, unpadded):
         physical, counted, increments = map_to_physical(
-            topk_ids,
-            logical_to_physical_map,
-            logical_replica_count,
-            load.shape[0],
-            record,
-            *unpadded,
-            policy=policy,
+            ids, l2p, counts, load.shape[0], record, unpadded, policy
         )
         return physical, load.index_put((counted,), increments.to(load.dtype), accumulate=True)
 
-    def replace(topk_ids, logical_to_physical_map, logical_replica_count, load, record, *unpadded):
+    def fused(ids, l2p, counts, load, record, unpadded):
         return torch.ops.moe_compile.eplb_remap.default(
-            topk_ids,
-            logical_to_physical_map,
-            logical_replica_count,
-            load,
-            record,
-            unpadded[0] if unpadded else None,
-            policy,
+            ids, l2p, counts, load, record, unpadded, policy
         )
 
-    if not with_padding:
-        return (
-            lambda topk_ids, logical_to_physical_map, logical_replica_count, load, record: search(
-                topk_ids, logical_to_physical_map, logical_replica_count, load, record
-            ),
-            lambda topk_ids, logical_to_physical_map, logical_replica_count, load, record: replace(
-                topk_ids, logical_to_physical_map, logical_replica_count, load, record
-            ),
-        )
+    if with_padding:
+        return remap, fused
 
-    def search_padded(
-        topk_ids, logical_to_physical_map, logical_replica_count, load, record, unpadded
-    ):
-        return search(
-            topk_ids, logical_to_physical_map, logical_replica_count, load, record, unpadded
-        )
+    def remap_unpadded(ids, l2p, counts, load, record):
+        return remap(ids, l2p, counts, load, record, None)
 
-    def replace_padded(
-        topk_ids, logical_to_physical_map, logical_replica_count, load, record, unpadded
-    ):
-        return replace(
-            topk_ids, logical_to_physical_map, logical_replica_count, load, record, unpadded
-        )
+    def fused_unpadded(ids, l2p, counts, load, record):
+        return fused(ids, l2p, counts, load, record, None)
 
-    return search_padded, replace_padded
+    return remap_unpadded, fused_unpadded
 
 
 @functools.cache

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
 
 import moe_compile.custom_ops  # noqa: F401  (registers the ops the patterns emit)
-from moe_compile.router.custom import SharedRoutedRouter
+from moe_compile.router.custom import shared_routed_topk
 from moe_compile.router.grouped import grouped_topk
 from moe_compile.router.scoring import SCORING_FUNCS
 from moe_compile.router.topk import fused_topk, fused_topk_bias
@@ -161,10 +161,7 @@ def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, li
         scalars = {**top_k, "num_fused_shared_experts": _EXAMPLE_SHARED}
 
         def search(router_logits, top_k, num_fused_shared_experts):
-            router = SharedRoutedRouter(
-                top_k, 1 << 20, num_fused_shared_experts, renormalize=renorm
-            )
-            return router._compute_routing(None, router_logits)
+            return shared_routed_topk(router_logits, top_k, num_fused_shared_experts, renorm)
 
         def replace(router_logits, top_k, num_fused_shared_experts):
             return _route(router_logits, None, top_k, variant, shared=num_fused_shared_experts)

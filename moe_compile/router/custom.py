@@ -48,6 +48,25 @@ class CustomRoutingRouter(BaseRouter):
         return topk_weights.float(), topk_ids
 
 
+def shared_routed_topk(
+    router_logits: torch.Tensor, top_k: int, num_fused_shared_experts: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k over the routed columns, then the shared columns appended."""
+    num_routed = router_logits.shape[-1] - num_fused_shared_experts
+    scores = compute_scores(router_logits[:, :num_routed], "softmax")
+    routed_weights, routed_ids = topk_lowest_index_on_ties(scores, top_k)
+    if renormalize:
+        routed_weights = renormalize_weights(routed_weights, "softmax")
+    shared_weights = torch.sigmoid(router_logits[:, num_routed:].float())
+    shared_ids = torch.arange(
+        num_routed, num_routed + num_fused_shared_experts, device=router_logits.device
+    ).expand(router_logits.shape[0], -1)
+    return (
+        torch.cat([routed_weights, shared_weights], dim=-1),
+        torch.cat([routed_ids, shared_ids], dim=-1),
+    )
+
+
 class SharedRoutedRouter(BaseRouter):
     """Routed experts plus ``num_fused_shared_experts`` shared experts fused into one MoE call.
 
@@ -80,20 +99,8 @@ class SharedRoutedRouter(BaseRouter):
         return router_logits.shape[-1] - self.num_fused_shared_experts
 
     def _compute_routing(self, hidden_states, router_logits):
-        num_routed = self.num_routable_experts(router_logits)
-        routed_logits = router_logits[:, :num_routed]
-        shared_logits = router_logits[:, num_routed:]
-        scores = compute_scores(routed_logits, "softmax")
-        routed_weights, routed_ids = topk_lowest_index_on_ties(scores, self.top_k)
-        if self.renormalize:
-            routed_weights = renormalize_weights(routed_weights, "softmax")
-        shared_weights = torch.sigmoid(shared_logits.float())
-        shared_ids = torch.arange(
-            num_routed, num_routed + self.num_fused_shared_experts, device=router_logits.device
-        ).expand(router_logits.shape[0], -1)
-        return (
-            torch.cat([routed_weights, shared_weights], dim=-1),
-            torch.cat([routed_ids, shared_ids], dim=-1),
+        return shared_routed_topk(
+            router_logits, self.top_k, self.num_fused_shared_experts, self.renormalize
         )
 
     def _apply_eplb_mapping(self, topk_ids):
