@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import moe_compile  # noqa: E402
 import moe_compile.custom_ops  # noqa: E402,F401  (registers the ops)
 from moe_compile import EplbLayerState, create_fused_moe_router  # noqa: E402
 from moe_compile.custom_ops import _routing_kernels, check_eplb_map  # noqa: E402
@@ -249,6 +250,27 @@ def build_kernel_compiled(problem: Problem):
     """The op inside ``torch.compile(dynamic=True)``: Inductor inlines the user Triton kernel."""
     call = build_kernel(problem)
     return torch.compile(call, fullgraph=True, dynamic=True)
+
+
+def _moe_compiled(problem: Problem, strategy: str):
+    router = problem.eager_router()
+    compiled = moe_compile.compile(
+        router.select_experts, fusion={"strategy": strategy}, fullgraph=True
+    )
+    hidden = torch.empty(problem.num_tokens, 1, device=problem.logits[0].device)
+    return lambda logits: compiled(hidden, logits)
+
+
+@register_implementation("moe_compile_kernel")
+def build_moe_compile_kernel(problem: Problem):
+    """The eager router under ``moe_compile.compile``: our pass puts the kernel in."""
+    return _moe_compiled(problem, "kernel")
+
+
+@register_implementation("moe_compile_inductor")
+def build_moe_compile_inductor(problem: Problem):
+    """The eager router under ``moe_compile.compile``: Inductor generates the fused kernel."""
+    return _moe_compiled(problem, "inductor")
 
 
 # ---------------------------------------------------------------- measurement
