@@ -124,3 +124,16 @@ def test_modes_and_user_options_compose_with_the_pass():
     assert compile_options(mode="reduce-overhead")["triton.cudagraphs"] is True
     with pytest.raises(ValueError, match="unknown fusion strategy"):
         compile_options(fusion={"strategy": "magic"})
+
+
+def test_separately_compiled_layers_can_share_one_region():
+    """Dynamo reuses a compiled region only under an equal backend; Inductor's
+    backend compares its options, so two compiles with the same fusion config
+    must produce equal options (and a different config must not)."""
+    user_pass = CountingPass()
+    assert compile_options() == compile_options()
+    assert compile_options(options={"post_grad_custom_post_pass": user_pass}) == compile_options(
+        options={"post_grad_custom_post_pass": user_pass}
+    )
+    assert compile_options() != compile_options(fusion={"strategy": "inductor"})
+    assert compile_options() != compile_options(options={"post_grad_custom_post_pass": user_pass})

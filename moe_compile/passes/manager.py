@@ -82,6 +82,19 @@ class MoEFusionPass(CustomGraphPass):
         if self.user_pass is not None:
             self.user_pass(graph)
 
+    # Dynamo reuses compiled code only under an equal backend, and Inductor's
+    # backend compares its options: equal passes let separately compiled
+    # identical layers share one compiled region.
+    def __eq__(self, other) -> bool:
+        return (
+            type(other) is type(self)
+            and other.config == self.config
+            and other.user_pass == self.user_pass
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.config))
+
     def uuid(self) -> bytes:
         hasher = hashlib.sha256()
         for path in _source_files():

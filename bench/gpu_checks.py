@@ -1,0 +1,156 @@
+"""Checks that need a GPU, run on the device machine: compiled == eager on CUDA for both
+lowering strategies, inside a whole model, with and without CUDA graphs.
+
+    python bench/gpu_checks.py [--out DIR]
+
+Prints one line per check and writes gpu_checks.json; exits non-zero on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import moe_compile as mc  # noqa: E402
+
+NUM_EXPERTS, NUM_REDUNDANT, TOP_K, HIDDEN, INTERMEDIATE = 64, 16, 6, 256, 128
+
+
+class DeepSeekStyleModel(torch.nn.Module):
+    """Grouped sigmoid routing with bias, redundant experts, EPLB on."""
+
+    def __init__(self, num_layers: int, device):
+        super().__init__()
+        self.gates = torch.nn.ModuleList(
+            torch.nn.Linear(HIDDEN, NUM_EXPERTS, bias=False) for _ in range(num_layers)
+        )
+        self.moes = torch.nn.ModuleList(
+            mc.FusedMoE(
+                NUM_EXPERTS,
+                TOP_K,
+                HIDDEN,
+                INTERMEDIATE,
+                scoring_func="sigmoid",
+                use_grouped_topk=True,
+                num_expert_group=8,
+                topk_group=4,
+                e_score_correction_bias=torch.randn(NUM_EXPERTS) * 0.01,
+                routed_scaling_factor=2.5,
+                enable_eplb=True,
+                num_redundant_experts=NUM_REDUNDANT,
+                params_dtype=torch.bfloat16,
+            )
+            for _ in range(num_layers)
+        )
+        generator = torch.Generator().manual_seed(0)
+        for moe in self.moes:
+            moe.load_logical_weights(
+                torch.randn(NUM_EXPERTS, 2 * INTERMEDIATE, HIDDEN, generator=generator) / 16,
+                torch.randn(NUM_EXPERTS, HIDDEN, INTERMEDIATE, generator=generator) / 16,
+            )
+        self.to(device=device, dtype=torch.bfloat16)
+
+    def forward(self, hidden_states):
+        for gate, moe in zip(self.gates, self.moes, strict=True):
+            hidden_states = hidden_states + moe(hidden_states, gate(hidden_states))
+        return hidden_states
+
+
+def check_model(strategy: str, mode: str | None, device) -> dict:
+    """Each MoE layer compiled (one region shared by all layers) against the same
+    layer in eager mode, on identical inputs: routing decisions are discrete, so
+    the inputs must be bit-identical for the outputs to be comparable."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = DeepSeekStyleModel(num_layers=3, device=device)
+    eplb = mc.EplbState.from_model(model, num_redundant_experts=NUM_REDUNDANT)
+    compiled_layers = [
+        mc.compile(moe, fusion={"strategy": strategy}, mode=mode, fullgraph=True)
+        for moe in model.moes
+    ]
+    worst, loads_equal = 0.0, True
+    sizes = (1, 7, 64, 1000, 4096, 1, 4096) if device.type == "cuda" else (1, 7, 64, 3)
+    with torch.no_grad():
+        for step, num_tokens in enumerate(sizes):
+            hidden = torch.randn(num_tokens, HIDDEN, device=device, dtype=torch.bfloat16)
+            for gate, moe, compiled in zip(model.gates, model.moes, compiled_layers, strict=True):
+                logits = gate(hidden)
+                eplb.expert_load_pass.zero_()
+                expected = moe(hidden, logits)
+                expected_load = eplb.expert_load_pass.clone()
+                eplb.expert_load_pass.zero_()
+                got = compiled(hidden, logits)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if num_tokens:
+                    worst = max(worst, float((got.float() - expected.float()).abs().max()))
+                loads_equal &= torch.equal(eplb.expert_load_pass, expected_load)
+                hidden = hidden + expected
+            if step == 2:  # a rebalance in place: must not recompile
+                permutation = torch.randperm(NUM_EXPERTS + NUM_REDUNDANT, device=device)
+                l2p = eplb.logical_to_physical_map
+                l2p.copy_(torch.where(l2p >= 0, permutation[l2p.clamp(min=0)], -1))
+    fused = counters["moe_compile"]["route_eplb"]
+    return {
+        "strategy": strategy,
+        "mode": mode,
+        "max_abs_diff": worst,
+        "loads_equal": bool(loads_equal),
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "fused_route_eplb": int(fused),
+        "inductor_lowering": int(counters["moe_compile"].get("inductor_lowering", 0)),
+        "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0)),
+        "ok": bool(loads_equal and worst < 0.05 and fused >= 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    report = {
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "checks": [],
+    }
+    failed = False
+    for strategy in ("kernel", "inductor"):
+        for mode in (None, "reduce-overhead") if on_gpu else (None,):
+            start = time.time()
+            try:
+                result = check_model(strategy, mode, device)
+            except Exception as error:  # noqa: BLE001
+                result = {
+                    "strategy": strategy,
+                    "mode": mode,
+                    "ok": False,
+                    "error": "".join(traceback.format_exception_only(error))[-1500:],
+                }
+            result["seconds"] = round(time.time() - start, 1)
+            failed |= not result["ok"]
+            report["checks"].append(result)
+            print(json.dumps(result), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_checks.json").write_text(json.dumps(report, indent=1))
+    print("FAILED" if failed else "PASSED")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
