@@ -33,6 +33,7 @@ import moe_compile as mc
 from moe_compile.eplb import balancedness, rebalance
 
 BACKENDS = ("inductor", "passes")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -58,6 +59,7 @@ class DemoConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str = "inductor"
+    dtype: str = "float32"
 
     def __post_init__(self):
         positive = (
@@ -102,6 +104,8 @@ class DemoConfig:
             raise ValueError(f"batch_sizes must be positive ints, got {self.batch_sizes}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.zipf_exponent < 0:
             raise ValueError(f"zipf_exponent must be >= 0, got {self.zipf_exponent}")
 
@@ -131,6 +135,7 @@ class MoEBlock(nn.Module):
             topk_group=config.topk_group,
             enable_eplb=True,
             num_redundant_experts=config.num_redundant_experts,
+            params_dtype=DTYPES[config.dtype],
         )
         intermediate = config.intermediate_size
         w13 = torch.randn(experts, 2 * intermediate, hidden, generator=generator) * hidden**-0.5
@@ -172,7 +177,8 @@ class DemoModel(nn.Module):
 def build_model(config: DemoConfig) -> DemoModel:
     """The demo model in inference mode (parameters without gradients: serving graphs)."""
     model = DemoModel(config).eval().requires_grad_(False)
-    return model.to(config.device)
+    # Norms, gate and embedding in the model's dtype; FusedMoE made its experts so.
+    return model.to(device=config.device, dtype=DTYPES[config.dtype])
 
 
 def compile_blocks(backend: str = "inductor", **compile_kwargs) -> tuple[Callable, object]:
