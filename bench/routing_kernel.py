@@ -524,11 +524,10 @@ def run_sweep(device, bandwidth, report) -> list[dict]:
     case = CASES[2]
     l2 = l2_bytes(device)
     configs = [
-        _routing_kernels.RouteKernelConfig(bt, warps, pps)
-        for bt in (4, 8, 16, 32)
-        for warps in (4, 8)
+        _routing_kernels.RouteKernelConfig(bt, warps, pps, packed)
+        for bt, warps in ((8, 4), (16, 4), (32, 4), (16, 8), (32, 8))
         for pps in (2, 4, 8)
-        if bt * 256 >= warps * 32 * 8 or bt >= warps
+        for packed in (True, False)
     ]
     for num_tokens in (1, 16384, 65536) if device.type == "cuda" else (1, 33):
         rotations = max(1, min(100, math.ceil(2 * l2 / (num_tokens * 256 * 2))))
@@ -664,7 +663,11 @@ def main(argv=None) -> int:
         "args": {k: str(v) for k, v in vars(args).items()},
         "method": "median CUDA-graph replay of N back-to-back calls / N; inputs rotated past 2x L2",
         "kernel_default_configs": {
-            str(width): asdict(_routing_kernels.default_config(width)) for width in (8, 128, 256)
+            f"{width}{'' if packed else '_float32_top_k'}": asdict(
+                _routing_kernels.default_config(width, packed)
+            )
+            for width in (8, 128, 256)
+            for packed in (True, False)
         },
     }
     print(f"device: {device_name}  torch {torch.__version__}  triton {triton.__version__}")

@@ -73,6 +73,21 @@ def _cases():
         "softmax_E40_k5_noncontiguous": dict(
             num_experts=40, top_k=5, num_tokens=6, strided=True, indices="int16"
         ),
+        "softmax_raw_E24_k3_bf16": dict(
+            num_experts=24, top_k=3, num_tokens=9, renormalize=False, ties=True
+        ),
+        # Packed bf16 top-k, then its exact fallback: distinct logits near zero whose
+        # float32 scores are equal, scores that underflow, and -0.0 tying with +0.0.
+        "packed_fallback_colliding_tiny_logits": dict(
+            num_experts=16, top_k=3, num_tokens=6, special="collide"
+        ),
+        "packed_fallback_underflow": dict(
+            num_experts=16, top_k=4, num_tokens=5, special="underflow", renormalize=False
+        ),
+        "packed_signed_zero_ties": dict(num_experts=16, top_k=3, num_tokens=4, special="zeros"),
+        "packed_fp16_colliding_tiny_logits": dict(
+            num_experts=16, top_k=3, num_tokens=6, special="collide", dtype="float16"
+        ),
         "op_path_route": dict(num_experts=24, top_k=3, num_tokens=5, via_op=True),
         "op_path_route_eplb": dict(
             num_experts=24, top_k=3, num_tokens=5, via_op=True, eplb=True, indices="int64"
@@ -142,6 +157,7 @@ def _run_case(
     strided=False,
     indices="int32",
     via_op=False,
+    special=None,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -155,7 +171,16 @@ def _run_case(
         logits = grid_logits(num_tokens, width, generator)
     else:
         logits = torch.randn(num_tokens, width, generator=generator) * 2
+    if special is not None:
+        logits = _special_logits(special, num_tokens, width, generator, dtype == "bfloat16")
     logits = logits.to(getattr(torch, dtype))
+    if special in ("collide", "underflow"):
+        # The data must defeat ranking by logit value, or the fallback is untested.
+        by_value = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices
+        reference = torch.sort(
+            torch.softmax(logits.float(), dim=-1), dim=-1, descending=True, stable=True
+        ).indices
+        assert not torch.equal(by_value[:, :top_k], reference[:, :top_k]), "no collision"
     if strided:
         wide = torch.zeros(num_tokens, width + 9, dtype=logits.dtype)
         wide[:, 3 : 3 + width] = logits
@@ -266,6 +291,33 @@ def _run_case(
     assert ids.shape == weights.shape == (num_tokens, top_k + shared)
     assert torch.equal(ids, ref_ids), f"ids\n{ids.tolist()}\n!=\n{ref_ids.tolist()}"
     torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=0)
+
+
+def _special_logits(kind, num_tokens, width, generator, bf16):
+    import torch
+
+    logits = torch.full((num_tokens, width), -1.0)
+    for row in range(num_tokens):
+        spots = torch.randperm(width, generator=generator)[:4].sort().values.tolist()
+        if kind == "collide":
+            # Distinct 16-bit logits whose float32 scores are equal on every
+            # device: x - 8 rounds them to one float32. The larger logit sits at
+            # the higher index, so eager (lower index on ties) and logit order
+            # disagree.
+            step = 2.0**-27 if bf16 else 2.0**-24
+            for j in range(3):
+                logits[row, spots[j]] = 2.0**-20 + j * step
+            logits[row, spots[3]] = 8.0
+        elif kind == "underflow":
+            # One dominant logit: every other score underflows to 0 and ties.
+            logits[row] = torch.arange(width, dtype=torch.float32) - 60.0
+            logits[row, spots[0]] = 100.0
+        elif kind == "zeros":
+            logits[row, spots[0]] = -0.0
+            logits[row, spots[1]] = 0.0
+            logits[row, spots[2]] = -0.0
+            logits[row, spots[3]] = 0.5
+    return logits
 
 
 def _main() -> None:
