@@ -77,13 +77,14 @@ LOGITS_DTYPE = torch.bfloat16
 
 
 @dataclass
-class Problem:
-    """One (router case, T, EPLB on/off) instance, with its device tensors."""
+class Setup:
+    """One router case with EPLB on or off: the state and bias every token count shares.
+
+    Implementations are built once per setup (so compiled ones compile once per
+    shape class and are reused by the checks and the timings)."""
 
     case: RouterCase
-    num_tokens: int
     eplb: bool
-    logits: list[torch.Tensor]  # rotated inputs, identical shapes
     bias: torch.Tensor | None
     state: EplbLayerState | None
     num_physical: int
@@ -132,14 +133,35 @@ class Problem:
             eplb_replica_policy=POLICY,
         )
 
+
+@dataclass
+class Problem:
+    """A setup at one token count: the (rotated) logits."""
+
+    setup: Setup
+    num_tokens: int
+    logits: list[torch.Tensor]  # rotated inputs, identical shapes
+
+    @property
+    def case(self) -> RouterCase:
+        return self.setup.case
+
+    @property
+    def eplb(self) -> bool:
+        return self.setup.eplb
+
+    @property
+    def state(self) -> EplbLayerState | None:
+        return self.setup.state
+
     def bytes_moved(self) -> int:
         """What one call must read and write at least."""
         c = self.case
         t, e, k = self.num_tokens, c.num_experts, c.top_k
         total = t * e * self.logits[0].element_size()
         total += t * k * (4 + torch.empty((), dtype=INDICES_DTYPE).element_size())
-        if self.bias is not None:
-            total += self.bias.numel() * self.bias.element_size()
+        if self.setup.bias is not None:
+            total += self.setup.bias.numel() * self.setup.bias.element_size()
         if self.state is not None:
             s = self.state
             for tensor in (s.logical_to_physical_map, s.logical_replica_count):
@@ -179,6 +201,23 @@ def tie_logits(num_tokens: int, num_experts: int, generator, device) -> torch.Te
     return (steps.double() / 4 + 0.1).to(LOGITS_DTYPE).to(device)
 
 
+_SETUPS: dict[tuple, Setup] = {}
+
+
+def get_setup(case: RouterCase, eplb: bool, device) -> Setup:
+    key = (case.name, eplb, str(device))
+    if key not in _SETUPS:
+        generator = torch.Generator().manual_seed(1234)
+        bias = None
+        if case.bias:
+            bias = (torch.randn(case.num_experts, generator=generator) * 0.05).float().to(device)
+        state, num_physical = (None, case.num_experts)
+        if eplb:
+            state, num_physical = make_state(case.num_experts, device)
+        _SETUPS[key] = Setup(case, eplb, bias, state, num_physical)
+    return _SETUPS[key]
+
+
 def make_problem(case, num_tokens, eplb, device, rotations=1, ties=False, seed=0) -> Problem:
     generator = torch.Generator().manual_seed(seed + num_tokens)
     if ties:
@@ -190,19 +229,14 @@ def make_problem(case, num_tokens, eplb, device, rotations=1, ties=False, seed=0
             .to(device)
             for _ in range(rotations)
         ]
-    bias = None
-    if case.bias:
-        bias = (torch.randn(case.num_experts, generator=generator) * 0.05).float().to(device)
-    state, num_physical = (None, case.num_experts)
-    if eplb:
-        state, num_physical = make_state(case.num_experts, device)
-    return Problem(case, num_tokens, eplb, logits, bias, state, num_physical)
+    return Problem(get_setup(case, eplb, device), num_tokens, logits)
 
 
 # ---------------------------------------------------------------- implementations
-Builder = Callable[[Problem], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+Builder = Callable[[Setup], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
 IMPLEMENTATIONS: dict[str, Builder] = {}
 REFERENCE = "eager"
+_BUILT: dict[tuple, Callable] = {}
 
 
 def register_implementation(name: str) -> Callable[[Builder], Builder]:
@@ -213,10 +247,18 @@ def register_implementation(name: str) -> Callable[[Builder], Builder]:
     return register
 
 
+def get_impl(name: str, setup: Setup) -> Callable[[torch.Tensor], tuple]:
+    """The implementation ``name`` built for ``setup``, once (compiled ones compile once)."""
+    key = (name, setup.case.name, setup.eplb)
+    if key not in _BUILT:
+        _BUILT[key] = IMPLEMENTATIONS[name](setup)
+    return _BUILT[key]
+
+
 @register_implementation("eager")
-def build_eager(problem: Problem):
+def build_eager(setup: Setup):
     """The eager router's math (select_experts minus its host-side validation)."""
-    router = problem.eager_router()
+    router = setup.eager_router()
 
     def run(logits):
         weights, ids = router._compute_routing(None, logits)
@@ -227,50 +269,27 @@ def build_eager(problem: Problem):
 
 
 @register_implementation("torch_compile")
-def build_torch_compile(problem: Problem):
+def build_torch_compile(setup: Setup):
     """Vanilla ``torch.compile`` (default options) of the eager router's select_experts."""
-    router = problem.eager_router()
+    router = setup.eager_router()
     compiled = torch.compile(router.select_experts, fullgraph=True)
-    hidden = torch.empty(problem.num_tokens, 1, device=problem.logits[0].device)
-    return lambda logits: compiled(hidden, logits)
+    return lambda logits: compiled(logits.new_empty(logits.shape[0], 1), logits)
 
 
 @register_implementation("kernel")
-def build_kernel(problem: Problem):
+def build_kernel(setup: Setup):
     """The op, called eagerly: one Triton launch per call."""
-    if problem.eplb:
+    if setup.eplb:
         return lambda logits: torch.ops.moe_compile.route_eplb(
-            *problem.op_args(logits), *problem.eplb_args()
+            *setup.op_args(logits), *setup.eplb_args()
         )
-    return lambda logits: torch.ops.moe_compile.route(*problem.op_args(logits))
+    return lambda logits: torch.ops.moe_compile.route(*setup.op_args(logits))
 
 
 @register_implementation("kernel_compiled")
-def build_kernel_compiled(problem: Problem):
+def build_kernel_compiled(setup: Setup):
     """The op inside ``torch.compile(dynamic=True)``: Inductor inlines the user Triton kernel."""
-    call = build_kernel(problem)
-    return torch.compile(call, fullgraph=True, dynamic=True)
-
-
-def _moe_compiled(problem: Problem, strategy: str):
-    router = problem.eager_router()
-    compiled = moe_compile.compile(
-        router.select_experts, fusion={"strategy": strategy}, fullgraph=True
-    )
-    hidden = torch.empty(problem.num_tokens, 1, device=problem.logits[0].device)
-    return lambda logits: compiled(hidden, logits)
-
-
-@register_implementation("moe_compile_kernel")
-def build_moe_compile_kernel(problem: Problem):
-    """The eager router under ``moe_compile.compile``: our pass puts the kernel in."""
-    return _moe_compiled(problem, "kernel")
-
-
-@register_implementation("moe_compile_inductor")
-def build_moe_compile_inductor(problem: Problem):
-    """The eager router under ``moe_compile.compile``: Inductor generates the fused kernel."""
-    return _moe_compiled(problem, "inductor")
+    return torch.compile(build_kernel(setup), fullgraph=True, dynamic=True)
 
 
 # ---------------------------------------------------------------- measurement
@@ -368,7 +387,7 @@ def check_problem(impl_name: str, problem: Problem) -> dict:
     for name in (REFERENCE, impl_name):
         if problem.state is not None:
             problem.state.expert_load_view.zero_()
-        fn = IMPLEMENTATIONS[name](problem)
+        fn = get_impl(name, problem.setup)
         weights, ids = fn(logits)
         _sync(logits.device)
         load = problem.state.expert_load_view.clone() if problem.state is not None else None
@@ -424,12 +443,13 @@ def opcheck_all(device) -> list[dict]:
     for case in CASES:
         for eplb in (False, True):
             problem = make_problem(case, 37, eplb, device, ties=True)
+            setup = problem.setup
             if eplb:
                 op = torch.ops.moe_compile.route_eplb.default
-                args = problem.op_args(problem.logits[0]) + problem.eplb_args()
+                args = setup.op_args(problem.logits[0]) + setup.eplb_args()
             else:
                 op = torch.ops.moe_compile.route.default
-                args = problem.op_args(problem.logits[0])
+                args = setup.op_args(problem.logits[0])
             label = f"opcheck {op._schema.name} {case.name}"
             try:
                 outcome = torch.library.opcheck(op, args)
@@ -474,7 +494,6 @@ def run_timings(args, device, bandwidth, deadline, out_path, report) -> list[Tim
         cases = [c for c in cases if c.name in ("E8_k2", "E256_k8", "E256_k8_grouped_sigmoid_bias")]
     for case in cases:
         for eplb in (False, True):
-            torch._dynamo.reset()
             for num_tokens in tokens:
                 input_bytes = num_tokens * case.num_experts * 2
                 rotations = max(1, min(args.calls, math.ceil(2 * l2 / max(input_bytes, 1))))
@@ -488,7 +507,7 @@ def run_timings(args, device, bandwidth, deadline, out_path, report) -> list[Tim
                         timings.append(entry)
                         continue
                     try:
-                        fn = IMPLEMENTATIONS[impl](problem)
+                        fn = get_impl(impl, problem.setup)
                         # Calls that take milliseconds get fewer per graph (memory, time).
                         single = time_per_call(fn, problem.logits, n_calls=2)
                         n_calls = args.calls if single < 5e-4 else max(2, args.calls // 10)
@@ -536,7 +555,7 @@ def run_sweep(device, bandwidth, report) -> list[dict]:
         for config in configs if device.type == "cuda" else configs[:2]:
             _routing_kernels.set_config_override(config)
             try:
-                seconds = time_per_call(build_kernel(problem), problem.logits)
+                seconds = time_per_call(build_kernel(problem.setup), problem.logits)
                 row = asdict(config) | {"num_tokens": num_tokens, "us_per_call": seconds * 1e6,
                                         "pct_of_floor": 100 * floor_s / seconds}  # fmt: skip
             except Exception as error:  # noqa: BLE001
@@ -686,7 +705,6 @@ def main(argv=None) -> int:
             check_tokens = (1, 7)
         for case in CASES:
             for eplb in (False, True):
-                torch._dynamo.reset()
                 for ties in (False, True):
                     for num_tokens in check_tokens:
                         problem = make_problem(case, num_tokens, eplb, device, ties=ties, seed=9)
