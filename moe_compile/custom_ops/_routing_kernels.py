@@ -31,6 +31,7 @@ exp/log, which are also accurate.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -422,6 +423,7 @@ def default_config(row_width: int, packed_top_k: bool = True) -> RouteKernelConf
     return RouteKernelConfig(block_tokens=block_tokens, num_warps=4 if row_width <= 256 else 8)
 
 
+@functools.cache
 def _multiprocessor_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -449,6 +451,8 @@ def launch_route_kernel(
     # Sizes that become constexprs are made concrete (under dynamic shapes this
     # specializes them, as the kernel must); the token count stays symbolic.
     num_tokens = router_logits.shape[0]
+    if isinstance(num_tokens, int) and num_tokens == 0:
+        return  # nothing to write; CUDA rejects the null pointers of empty tensors
     num_routed = int(router_logits.shape[1]) - num_fused_shared_experts
     groups = num_expert_group if num_expert_group > 1 else 1
     group_size = num_routed // groups

@@ -4,7 +4,7 @@ One call computes, from router logits ``[T, E]``: expert scores, plain or
 grouped top-k (lower index wins ties), renormalization, routed scaling and the
 shared-expert columns; ``route_eplb`` also maps the routed ids to physical
 experts and counts the load into ``expert_load_view``, gated by
-``should_record`` read on the device.
+``should_record`` read on the device (no host sync).
 
 Every op has
 - a fake implementation (shapes and dtypes only, for tracing),
@@ -13,7 +13,10 @@ Every op has
 - a Triton implementation (``_routing_kernels``) for CUDA, registered through
   ``torch.library.triton_op`` + ``wrap_triton`` so Inductor sees the kernel.
 
-:func:`use_triton_kernel` is the one place that picks between the last two.
+:func:`use_triton_kernel` is the one place that picks between the last two
+(Triton on CUDA for rows of up to ``MAX_KERNEL_ROW`` padded experts).
+``triton_op`` infers the schema from the annotations, so the integer options
+appear as ``SymInt`` (Python ints are accepted as for ``int``).
 
 Semantics are those of the eager routers (``moe_compile.router``) with these
 additions, which the eager code leaves to the caller:
@@ -24,7 +27,8 @@ additions, which the eager code leaves to the caller:
   shared ids ``E_routed + i``; EPLB remaps only the routed columns.
 - A replica count outside ``[1, S]`` is clamped into it, so the map is never
   read out of bounds; a map entry outside ``[0, P)`` is returned as it is and
-  never counted. :func:`check_eplb_map` reports such maps on the host.
+  never counted. :func:`check_eplb_map` reports such maps on the host
+  (``route_eplb(debug=True)`` or ``MOE_COMPILE_DEBUG_MAPS=1``).
 - Zero experts (``ZeroExpertRouter``) are not part of these ops.
 """
 
