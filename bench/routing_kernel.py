@@ -18,8 +18,9 @@ floor is the bytes one call must move (logits in, weights and ids out, EPLB
 state) at the measured device-to-device copy bandwidth.
 
 Implementations are named builders in ``IMPLEMENTATIONS``; add one with
-``@register_implementation("name")`` (a builder takes a :class:`Problem` and
-returns ``fn(logits) -> (weights, ids)``), and it is checked and timed like
+``@register_implementation("name")`` (a builder takes a :class:`Setup`, the
+router case with its shared EPLB state, and returns ``fn(logits) -> (weights,
+ids)``; it is built once per setup), and it is checked and timed like
 the others. One failing config never stops the run: errors are printed,
 recorded in the JSON, and the run goes on.
 """
@@ -290,6 +291,26 @@ def build_kernel(setup: Setup):
 def build_kernel_compiled(setup: Setup):
     """The op inside ``torch.compile(dynamic=True)``: Inductor inlines the user Triton kernel."""
     return torch.compile(build_kernel(setup), fullgraph=True, dynamic=True)
+
+
+def _moe_compiled(setup: Setup, strategy: str):
+    router = setup.eager_router()
+    compiled = moe_compile.compile(
+        router.select_experts, fusion={"strategy": strategy}, fullgraph=True
+    )
+    return lambda logits: compiled(logits.new_empty(logits.shape[0], 1), logits)
+
+
+@register_implementation("moe_compile_kernel")
+def build_moe_compile_kernel(setup: Setup):
+    """The eager router under ``moe_compile.compile``: our pass puts the kernel in."""
+    return _moe_compiled(setup, "kernel")
+
+
+@register_implementation("moe_compile_inductor")
+def build_moe_compile_inductor(setup: Setup):
+    """The eager router under ``moe_compile.compile``: Inductor generates the fused kernel."""
+    return _moe_compiled(setup, "inductor")
 
 
 # ---------------------------------------------------------------- measurement
