@@ -344,6 +344,7 @@ def markdown(report: dict) -> str:
         f"{env['card']}; torch {env['torch']}; triton {env['triton']}; Python {env['python']}; "
         f"{env['date']}.",
         f"Command: `{report['command']}`",
+        *([f"Note: {report['note']}"] if report.get("note") else []),
         "",
         f"Model: {args['experts']} experts + {args['redundant']} redundant in {args['groups']} "
         f"groups (keep {args['topk_group']}), top-{args['top_k']}, sigmoid + bias, hidden "
@@ -377,7 +378,7 @@ def markdown(report: dict) -> str:
             f"{_fmt(row['pass_s'], 2) + ' (' + _fmt(row.get('pattern_setup_s'), 2) + ')' if row['compiler'] == 'moe_compile' else '-'} | "
             f"{_fmt(100 * share, 1, '%') if share is not None and row['compiler'] == 'moe_compile' else '-'} | "
             f"{row['cold_graphs']} | {row['trace_graphs_compiled']} | "
-            f"{row['trace_recompiled_at_batch'] or '-'} | "
+            f"{', '.join(row['trace_recompiled_at_batch']) or '-'} | "
             f"{'yes (' + str(fused) + ')' if fused else 'no'} |"
         )
     overheads = report.get("pass_overhead", [])
@@ -463,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ranks", type=int, default=8, help="simulated EP ranks (rebalancing)")
     parser.add_argument("--timeout-s", type=float, default=1800, help="per configuration")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in workers")
+    parser.add_argument("--note", default=None, help="a line for the report (machine, load)")
     parser.add_argument(
         "--render", type=Path, default=None, help="only rewrite the .md of an existing JSON"
     )
@@ -519,9 +521,10 @@ def main(argv=None) -> int:
                 results.append(row)
     report = {
         "label": label,
+        "note": args.note,
         "environment": env,
         "command": "python bench/compile_time.py " + " ".join(argv),
-        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "render")},
         "trace_sizes": trace_sizes(args.max_batch),
         "trace_events": len(trace_events(args.max_batch, args.rebalances)),
         "results": results,
