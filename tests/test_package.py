@@ -131,26 +131,3 @@ def test_eplb_is_on_exactly_when_a_state_is_given():
     assert FusedTopKRouter(2, 8).eplb_state is None
     state = EplbLayerState()
     assert FusedTopKRouter(2, 8, eplb_state=state).eplb_state is state
-
-
-def test_demo_routes_with_eplb_and_counts_every_slot(capsys):
-    from moe_compile import cli, demo
-
-    result = demo.run_demo(num_tokens=9, seed=1)
-    l2p, counts, num_physical = demo.replica_tables(
-        demo.NUM_LOGICAL_EXPERTS, demo.REDUNDANT_REPLICAS
-    )
-    for token, (logical, physical) in enumerate(
-        zip(result["logical_ids"].tolist(), result["physical_ids"].tolist(), strict=True)
-    ):
-        for slot_logical, slot_physical in zip(logical, physical, strict=True):
-            replicas = l2p[0, slot_logical, : counts[0, slot_logical]].tolist()
-            assert slot_physical in replicas, f"token {token}: {slot_physical} not a replica"
-    assert result["load"].sum().item() == 9 * demo.TOP_K
-    assert result["load"].shape == (num_physical,)
-    torch.testing.assert_close(result["weights"].sum(dim=1), torch.full((9,), 2.5))
-
-    assert cli.main(["demo", "--tokens", "3"]) == 0
-    printed = capsys.readouterr().out
-    assert "GroupedTopKRouter" in printed and "load per physical expert" in printed
-    assert len([line for line in printed.splitlines() if line.strip()[:1].isdigit()]) == 3
