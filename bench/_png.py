@@ -227,7 +227,9 @@ def _tick_label(exponent: int) -> str:
 def draw_loglog_panel(canvas: Canvas, box: tuple[int, int, int, int], panel: Panel) -> None:
     """One log-log panel inside ``box = (x0, y0, x1, y1)``: axes, grid, lines, legend."""
     x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 52, x1 - 24, y0 + 34, y1 - 36
+    # The legend is a column right of the plot area, so it never hides a line.
+    legend_width = max((canvas.text_width(s.label) for s in panel.series), default=0) + 34
+    left, right, top, bottom = x0 + 52, x1 - 24 - legend_width, y0 + 34, y1 - 36
     canvas.text(x0 + 4, y0 + 4, panel.title, scale=1)
     points = [
         (x, y)
@@ -276,9 +278,8 @@ def draw_loglog_panel(canvas: Canvas, box: tuple[int, int, int, int], panel: Pan
     if panel.y_label:
         canvas.text(x0 + 4, y0 + 18, panel.y_label, colour=(80, 80, 80))
 
-    legend_y = top + 4
-    for index, series in enumerate(panel.series):
-        colour = series.colour or PALETTE[index % len(PALETTE)]
+    colours = [s.colour or PALETTE[i % len(PALETTE)] for i, s in enumerate(panel.series)]
+    for series, colour in zip(panel.series, colours, strict=True):
         valid = [
             to_pixel(x, y)
             for x, y in zip(series.xs, series.ys, strict=True)
@@ -289,7 +290,8 @@ def draw_loglog_panel(canvas: Canvas, box: tuple[int, int, int, int], panel: Pan
         if not series.dashed:
             for px, py in valid:
                 canvas.dot(px, py, colour, radius=2)
-        legend_x = left + 8
+    legend_x, legend_y = right + 24, top + 4
+    for series, colour in zip(panel.series, colours, strict=True):
         canvas.line(
             legend_x,
             legend_y + 3,
@@ -308,7 +310,7 @@ def plot_panels(
     path: Path | str,
     title: str = "",
     columns: int = 2,
-    panel_size: tuple[int, int] = (460, 300),
+    panel_size: tuple[int, int] = (560, 300),
 ) -> None:
     """Lay ``panels`` out in a grid and write one PNG."""
     if not panels:

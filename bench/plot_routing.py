@@ -28,7 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _png import Panel, Series, plot_panels  # noqa: E402
 
 FLOOR = "floor (bytes moved)"
-PREFERRED_ORDER = ("eager", "torch_compile", "kernel", "kernel_compiled")
+PREFERRED_ORDER = (
+    "eager",
+    "torch_compile",
+    "moe_compile_inductor",
+    "moe_compile_kernel",
+    "kernel",
+    "kernel_compiled",
+)
 
 
 def load_report(path: Path) -> dict:
