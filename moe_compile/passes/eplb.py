@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
-from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
+from torch._inductor.pattern_matcher import PatternMatcherPass
 
 import moe_compile.custom_ops  # noqa: F401  (registers the ops the patterns emit)
 from moe_compile.eplb.mapping import REPLICA_POLICIES, map_to_physical
 
-from .tracing import set_fake_values, trace_post_grad
+from .tracing import register_pattern, set_fake_values
 
 _EXAMPLE_TOKENS, _EXAMPLE_TOP_K, _EXAMPLE_EXPERTS, _EXAMPLE_SLOTS = 13, 6, 32, 3
 
@@ -70,11 +70,10 @@ def eplb_patterns() -> PatternMatcherPass:
             torch.zeros(_EXAMPLE_EXPERTS + 8, dtype=torch.int32),
             torch.tensor(True),
         ] + ([torch.tensor(_EXAMPLE_TOKENS)] if with_padding else [])
-        register_replacement(
+        register_pattern(
             search,
             replace,
             example_inputs,
-            trace_post_grad,
             patterns,
             pattern_name=f"eplb_{policy}_{'padded' if with_padding else 'unpadded'}",
             skip_duplicates=True,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
+from torch._inductor.pattern_matcher import PatternMatcherPass
 
 import moe_compile.custom_ops  # noqa: F401  (registers the ops the patterns emit)
 from moe_compile.router.custom import shared_routed_topk
@@ -24,13 +24,16 @@ from moe_compile.router.grouped import grouped_topk
 from moe_compile.router.scoring import SCORING_FUNCS
 from moe_compile.router.topk import fused_topk, fused_topk_bias
 
-from .tracing import trace_post_grad
+from .tracing import register_pattern
 
-# Example scalars for tracing. Each must differ from every other scalar
-# argument the traced graph contains, or it would be mistaken for one.
-_EXAMPLE = dict(num_tokens=13, num_experts=32, top_k=6, num_expert_group=4, topk_group=3)
-_EXAMPLE_SCALE = 2.5
-_EXAMPLE_SHARED = 2
+# Example scalars for tracing. The matcher re-traces each candidate with the
+# real values and then reads every literal equal to one of these examples as
+# that argument, so an example must never equal a literal the routing code
+# contains (-1, 0, 1, 2 of the top-2 group score, ...) nor a value a real model
+# gives to a different argument: hence odd values no model uses.
+_EXAMPLE = dict(num_tokens=17, num_experts=33, top_k=13, num_expert_group=11, topk_group=7)
+_EXAMPLE_SCALE = 2.718
+_EXAMPLE_SHARED = 9
 _SCALARS = (
     "top_k",
     "routed_scaling_factor",
@@ -224,11 +227,10 @@ def routing_patterns() -> PatternMatcherPass:
     patterns = PatternMatcherPass(pass_name="moe_compile_routing")
     for variant in routing_variants():
         search, replace, example_inputs, scalars = _search_and_replace(variant)
-        register_replacement(
+        register_pattern(
             search,
             replace,
             example_inputs,
-            trace_post_grad,
             patterns,
             extra_check=_scalars_are_constants,
             scalar_workaround=scalars,

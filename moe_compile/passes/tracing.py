@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch._inductor.fx_passes.joint_graph import constant_fold_uniform_value
 from torch._inductor.fx_passes.post_grad import remove_noop_ops, view_to_reshape
-from torch._inductor.pattern_matcher import fwd_only
+from torch._inductor.pattern_matcher import fwd_only, register_replacement
 
 
 def trace_post_grad(fn, args, **kwargs) -> torch.fx.GraphModule:
@@ -47,3 +49,16 @@ def set_fake_values(node: torch.fx.Node, getitems: list[torch.fx.Node] = ()) -> 
     node.meta["val"] = value
     for item in getitems:
         item.meta["val"] = value[item.args[1]]
+
+
+_REPLACEMENT_PARAMETERS = frozenset(inspect.signature(register_replacement).parameters)
+
+
+def register_pattern(search_fn, replace_fn, example_inputs, pass_dict, **options) -> None:
+    """``register_replacement`` with our tracing, minus the keyword arguments the
+    running torch does not know yet (``pattern_name`` and ``skip_duplicates``
+    are newer than torch 2.11)."""
+    supported = {k: v for k, v in options.items() if k in _REPLACEMENT_PARAMETERS}
+    register_replacement(
+        search_fn, replace_fn, example_inputs, trace_post_grad, pass_dict, **supported
+    )

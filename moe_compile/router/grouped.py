@@ -45,7 +45,10 @@ def grouped_topk(
     else:
         group_scores = grouped_choice.topk(2, dim=-1).values.sum(dim=-1)
     _, group_ids = topk_lowest_index_on_ties(group_scores, topk_group)
-    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, group_ids, True)
+    # A comparison, not a scatter: Inductor rewrites a one-column scatter into
+    # a comparison anyway, and the traced graph should not depend on topk_group.
+    groups = torch.arange(num_expert_group, device=router_logits.device)
+    group_mask = (group_ids.unsqueeze(-1) == groups).any(dim=1)
     expert_mask = (
         group_mask.unsqueeze(-1).expand_as(grouped_choice).reshape(num_tokens, num_experts)
     )

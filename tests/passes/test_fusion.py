@@ -175,3 +175,32 @@ def test_unmatched_graph_is_left_untouched():
     graph = backend.graphs[0]
     assert graph.before == graph.after
     assert sum(graph.applied.values()) == 0
+
+
+@pytest.mark.parametrize(
+    "num_experts,groups,topk_group,top_k,scale",
+    [
+        (256, 8, 4, 8, 2.5),  # DeepSeek-V3
+        (160, 8, 3, 6, 16.0),  # DeepSeek-V2
+        (64, 8, 3, 6, 2.5),
+        (16, 2, 1, 2, 1.0),
+    ],
+)
+def test_real_model_grouped_configs_fuse(num_experts, groups, topk_group, top_k, scale):
+    """Real option values must not be mistaken for the traced examples' scalars."""
+    state = make_eplb_state(num_experts, num_experts + 8)
+    router = mc.create_fused_moe_router(
+        top_k=top_k,
+        global_num_experts=num_experts + 8,
+        eplb_state=state,
+        scoring_func="sigmoid",
+        use_grouped_topk=True,
+        num_expert_group=groups,
+        topk_group=topk_group,
+        e_score_correction_bias=torch.linspace(-0.1, 0.1, num_experts),
+        routed_scaling_factor=scale,
+    )
+    logits = tied_logits(NUM_TOKENS, num_experts, torch.bfloat16)
+    (eager, compiled), graph = run_both(router, state, logits)
+    assert_same(eager, compiled)
+    assert graph.applied["route_eplb"] == 1
