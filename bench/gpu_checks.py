@@ -113,6 +113,60 @@ def check_model(strategy: str, mode: str | None, device) -> dict:
     }
 
 
+ROUTER_CASES = {
+    "softmax_renorm": dict(),
+    "sigmoid_bias": dict(scoring_func="sigmoid", e_score_correction_bias=True),
+    "grouped_sigmoid_bias": dict(
+        scoring_func="sigmoid",
+        e_score_correction_bias=True,
+        use_grouped_topk=True,
+        num_expert_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+    ),
+}
+
+
+def check_router(name: str, strategy: str, device) -> dict:
+    """The eager router alone under moe_compile.compile on CUDA: fused, and equal to eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    options = dict(ROUTER_CASES[name])
+    if options.pop("e_score_correction_bias", False):
+        options["e_score_correction_bias"] = torch.randn(256, device=device) * 0.05
+    num_physical = NUM_EXPERTS + NUM_REDUNDANT
+    l2p = torch.arange(256, device=device).remainder(num_physical).unsqueeze(-1)
+    state = mc.EplbLayerState(
+        expert_load_view=torch.zeros(num_physical, dtype=torch.int32, device=device),
+        logical_to_physical_map=l2p,
+        logical_replica_count=torch.ones(256, dtype=torch.int64, device=device),
+        should_record_tensor=torch.tensor(True, device=device),
+    )
+    router = mc.create_fused_moe_router(
+        top_k=8, global_num_experts=num_physical, eplb_state=state, **options
+    )
+    compiled = mc.compile(router.select_experts, fusion={"strategy": strategy}, fullgraph=True)
+    logits = torch.randn(3000, 256, device=device).bfloat16()
+    hidden = torch.empty(3000, 1, device=device)
+    weights, ids = router.select_experts(hidden, logits)
+    expected_load = state.expert_load_view.clone()
+    state.expert_load_view.zero_()
+    got_weights, got_ids = compiled(hidden, logits)
+    fused = int(counters["moe_compile"]["route_eplb"])
+    ids_equal = torch.equal(got_ids, ids)
+    loads_equal = torch.equal(state.expert_load_view, expected_load)
+    weights_close = torch.allclose(got_weights, weights, rtol=1e-5, atol=1e-6)
+    return {
+        "router": name,
+        "strategy": strategy,
+        "fused_route_eplb": fused,
+        "ids_equal": ids_equal,
+        "weights_close": weights_close,
+        "loads_equal": loads_equal,
+        "ok": bool(fused == 1 and ids_equal and weights_close and loads_equal),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
@@ -129,6 +183,19 @@ def main() -> int:
     }
     failed = False
     for strategy in ("kernel", "inductor"):
+        for name in ROUTER_CASES:
+            try:
+                result = check_router(name, strategy, device)
+            except Exception as error:  # noqa: BLE001
+                result = {
+                    "router": name,
+                    "strategy": strategy,
+                    "ok": False,
+                    "error": "".join(traceback.format_exception_only(error))[-1500:],
+                }
+            failed |= not result["ok"]
+            report["checks"].append(result)
+            print(json.dumps(result), flush=True)
         for mode in (None, "reduce-overhead") if on_gpu else (None,):
             start = time.time()
             try:

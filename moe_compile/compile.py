@@ -10,18 +10,21 @@ from torch._dynamo.decorators import mark_unbacked
 
 from .passes.manager import FusionConfig, MoEFusionPass
 
-_PASS_OPTION = "post_grad_custom_post_pass"
+# The pre slot: Inductor's own post-grad patterns run between the two slots
+# and rewrite softmax on the GPU (online softmax), which would hide routing.
+_PASS_OPTION = "post_grad_custom_pre_pass"
 _HAS_SHAPE_ID = "shape_id" in inspect.signature(mark_unbacked).parameters
 
 
 def inductor_options(user_pass=None, **config: Any) -> dict[str, Any]:
     """Inductor options that install the fusion pass: ``torch.compile(m, options=...)``.
 
-    ``config`` are :class:`FusionConfig` fields. A pass the user already had as
-    ``post_grad_custom_post_pass`` (given here, or set in Inductor's config)
-    keeps running, after ours.
+    ``config`` are :class:`FusionConfig` fields. The pass goes into
+    ``post_grad_custom_pre_pass``; a pass the user already had there (given
+    here, or set in Inductor's config) keeps running, after ours, and a
+    ``post_grad_custom_post_pass`` is not touched.
     """
-    user_pass = user_pass or torch._inductor.config.post_grad_custom_post_pass
+    user_pass = user_pass or torch._inductor.config.post_grad_custom_pre_pass
     if isinstance(user_pass, MoEFusionPass):
         user_pass = user_pass.user_pass
     return {_PASS_OPTION: MoEFusionPass(FusionConfig(**config), user_pass=user_pass)}
@@ -52,7 +55,7 @@ def compile_options(
     """Inductor options for ``mode`` + ``options`` with the fusion pass installed.
 
     ``torch.compile`` takes a mode or options, not both, so the mode is
-    spelled out as its options; a ``post_grad_custom_post_pass`` already in
+    spelled out as its options; a ``post_grad_custom_pre_pass`` already in
     ``options`` keeps running after ours.
     """
     options = dict(options or {})
@@ -75,7 +78,7 @@ def compile(
     the first dimension of every positional tensor argument is marked as
     the token dimension, so one graph serves every batch size. ``mode``
     ("reduce-overhead", "max-autotune", ...) and ``options`` compose with
-    the pass, including a user's own ``post_grad_custom_post_pass``.
+    the pass, including a user's own custom post-grad passes.
     """
     options = compile_options(
         torch_compile_kwargs.pop("mode", None),

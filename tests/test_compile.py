@@ -104,10 +104,10 @@ def test_fx_graph_cache_hits_on_same_config_and_misses_on_change():
 def test_uuid_covers_config_and_user_pass():
     base = MoEFusionPass().uuid()
     assert MoEFusionPass().uuid() == base
-    assert mc.inductor_options()["post_grad_custom_post_pass"].uuid() == base
-    assert mc.inductor_options(fuse_eplb=False)["post_grad_custom_post_pass"].uuid() != base
-    with_user = mc.inductor_options(user_pass=CountingPass("v1"))["post_grad_custom_post_pass"]
-    other_user = mc.inductor_options(user_pass=CountingPass("v2"))["post_grad_custom_post_pass"]
+    assert mc.inductor_options()["post_grad_custom_pre_pass"].uuid() == base
+    assert mc.inductor_options(fuse_eplb=False)["post_grad_custom_pre_pass"].uuid() != base
+    with_user = mc.inductor_options(user_pass=CountingPass("v1"))["post_grad_custom_pre_pass"]
+    other_user = mc.inductor_options(user_pass=CountingPass("v2"))["post_grad_custom_pre_pass"]
     assert len({base, with_user.uuid(), other_user.uuid()}) == 3
 
 
@@ -115,13 +115,19 @@ def test_modes_and_user_options_compose_with_the_pass():
     user_pass = CountingPass()
     options = compile_options(
         mode="max-autotune",
-        options={"post_grad_custom_post_pass": user_pass, "epilogue_fusion": False},
+        options={"post_grad_custom_pre_pass": user_pass, "epilogue_fusion": False},
     )
     assert options["max_autotune"] is True
     assert options["epilogue_fusion"] is False
-    fusion_pass = options["post_grad_custom_post_pass"]
+    fusion_pass = options["post_grad_custom_pre_pass"]
     assert isinstance(fusion_pass, MoEFusionPass) and fusion_pass.user_pass is user_pass
     assert compile_options(mode="reduce-overhead")["triton.cudagraphs"] is True
+    # A user's post pass is a different slot: left exactly as given.
+    post = CountingPass()
+    assert (
+        compile_options(options={"post_grad_custom_post_pass": post})["post_grad_custom_post_pass"]
+        is post
+    )
     with pytest.raises(ValueError, match="unknown fusion strategy"):
         compile_options(fusion={"strategy": "magic"})
 
@@ -132,8 +138,8 @@ def test_separately_compiled_layers_can_share_one_region():
     must produce equal options (and a different config must not)."""
     user_pass = CountingPass()
     assert compile_options() == compile_options()
-    assert compile_options(options={"post_grad_custom_post_pass": user_pass}) == compile_options(
-        options={"post_grad_custom_post_pass": user_pass}
+    assert compile_options(options={"post_grad_custom_pre_pass": user_pass}) == compile_options(
+        options={"post_grad_custom_pre_pass": user_pass}
     )
     assert compile_options() != compile_options(fusion={"strategy": "inductor"})
-    assert compile_options() != compile_options(options={"post_grad_custom_post_pass": user_pass})
+    assert compile_options() != compile_options(options={"post_grad_custom_pre_pass": user_pass})

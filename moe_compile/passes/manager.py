@@ -48,8 +48,8 @@ def _source_files() -> list[Path]:
 class MoEFusionPass(CustomGraphPass):
     """Finds MoE routing (+ EPLB remap + load count) and fuses it into one op.
 
-    Installed as Inductor's ``post_grad_custom_post_pass``. A pass the user
-    had installed there runs after ours (``user_pass``), and its ``uuid`` is
+    Installed as Inductor's ``post_grad_custom_pre_pass`` (see
+    ``moe_compile.compile``). A pass the user had installed there runs after ours (``user_pass``), and its ``uuid`` is
     part of ours, so the FX graph cache stays correct for both.
     """
 

@@ -1,7 +1,7 @@
 """A light ``torch.compile`` backend for graph tests: AOTAutograd + our pass, no codegen.
 
 It builds the same functional post-grad graph Inductor would hand to its
-``post_grad_custom_post_pass``, runs the fusion pass on it, records the
+``post_grad_custom_pre_pass``, runs the fusion pass on it, records the
 graph before and after, and then simply runs the graph. Graph tests cost
 milliseconds instead of an Inductor compile.
 """
@@ -46,7 +46,7 @@ class PassTestBackend:
         )
 
     def _compile_forward(self, gm: torch.fx.GraphModule, example_inputs):
-        # What Inductor does to an inference graph before its custom post pass.
+        # What Inductor does to an inference graph before its custom pre pass.
         joint_graph_passes(gm)
         canonicalize_like_inductor(gm)
         before, ops_before = canonical_graph(gm), count_ops(gm)
