@@ -237,7 +237,7 @@ def make_problem(case, num_tokens, eplb, device, rotations=1, ties=False, seed=0
 Builder = Callable[[Setup], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
 IMPLEMENTATIONS: dict[str, Builder] = {}
 REFERENCE = "eager"
-_BUILT: dict[tuple, Callable] = {}
+_BUILT: dict = {}  # (impl, case, eplb) -> built callable; "setup" -> the current setup
 
 
 def register_implementation(name: str) -> Callable[[Builder], Builder]:
@@ -249,8 +249,19 @@ def register_implementation(name: str) -> Callable[[Builder], Builder]:
 
 
 def get_impl(name: str, setup: Setup) -> Callable[[torch.Tensor], tuple]:
-    """The implementation ``name`` built for ``setup``, once (compiled ones compile once)."""
-    key = (name, setup.case.name, setup.eplb)
+    """The implementation ``name`` built for ``setup``, once (compiled ones compile once).
+
+    Moving to another setup resets Dynamo first: otherwise a router option that
+    differs between cases (top_k, the scaling factor) turns into a graph input
+    on the recompile, and the fusion pass leaves such graphs unfused (it needs
+    the options as constants), so the moe_compile rows would time vanilla code.
+    """
+    setup_key = (setup.case.name, setup.eplb)
+    if _BUILT.get("setup") != setup_key:
+        torch._dynamo.reset()
+        _BUILT.clear()
+        _BUILT["setup"] = setup_key
+    key = (name, *setup_key)
     if key not in _BUILT:
         _BUILT[key] = IMPLEMENTATIONS[name](setup)
     return _BUILT[key]
