@@ -204,8 +204,10 @@ def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, li
 
 def routing_variants() -> Iterator[RoutingVariant]:
     """Every traced form the routing pass knows."""
-    logits_dtypes = (torch.float32, torch.bfloat16)
-    bias_dtypes = (torch.float32, torch.bfloat16)
+    # Cast variants first: on 16-bit logits the one that includes the cast must
+    # win, or the op would read a float32 copy (twice the bytes, slower top-k).
+    logits_dtypes = (torch.bfloat16, torch.float32)
+    bias_dtypes = (torch.bfloat16, torch.float32)
     for scoring, renorm, logits in itertools.product(SCORING_FUNCS, (True, False), logits_dtypes):
         yield RoutingVariant("topk", scoring, renorm, logits)
         yield RoutingVariant("grouped", scoring, renorm, logits)
