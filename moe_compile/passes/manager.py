@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 STRATEGIES = ("kernel", "inductor")
+_ACCUMULATE = torch.ops.aten.index_put.default  # how the eager code counts the load
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,11 @@ class MoEFusionPass(CustomGraphPass):
 
         applied = {}
         if self.config.fuse_routing:
-            applied["routing"] = routing_patterns().apply(graph)
+            applied["routing"] = routing_patterns(graph).apply(graph)
         if self.config.fuse_eplb:
-            applied["eplb_remap"] = eplb_patterns().apply(graph)
+            # Tracing the EPLB patterns costs time: skip it where no count can be.
+            has_count = bool(graph.find_nodes(op="call_function", target=_ACCUMULATE))
+            applied["eplb_remap"] = eplb_patterns().apply(graph) if has_count else 0
             applied["route_eplb"] = fold_remap_into_routing(graph)
         if self.config.fold_index_casts:
             applied["index_cast"] = fold_index_casts(graph)

@@ -223,20 +223,66 @@ def routing_variants() -> Iterator[RoutingVariant]:
         yield RoutingVariant("topk_then_sigmoid", "sigmoid", False, logits, topk_dim=dim)
 
 
-@functools.cache
-def routing_patterns() -> PatternMatcherPass:
-    """All routing patterns, traced once per process on first use."""
-    patterns = PatternMatcherPass(pass_name="moe_compile_routing")
-    for variant in routing_variants():
+# What a graph must contain for a family or a scoring function to be there at
+# all: tracing only those patterns keeps the pass cheap on a cold compile.
+_FAMILY_NEEDS = {
+    "topk": torch.ops.aten.sort.stable,
+    "topk_bias": torch.ops.aten.sort.stable,
+    "grouped": torch.ops.aten.sort.stable,
+    "shared_routed": torch.ops.aten.sort.stable,
+    "softmax_then_topk": torch.ops.aten.topk.default,
+    "topk_then_softmax": torch.ops.aten.topk.default,
+    "topk_then_sigmoid": torch.ops.aten.topk.default,
+}
+_SCORING_NEEDS = {
+    "softmax": torch.ops.aten.exp.default,
+    "sigmoid": torch.ops.aten.sigmoid.default,
+    "sqrtsoftplus": torch.ops.aten.sqrt.default,
+}
+
+
+class _LazyRoutingPatterns:
+    """One pattern pass, filled group by group (a family with one scoring
+    function, all its dtype variants in priority order) as graphs need them."""
+
+    def __init__(self):
+        self.patterns = PatternMatcherPass(pass_name="moe_compile_routing")
+        self.registered: set[tuple[str, str]] = set()
+
+    def for_graph(self, graph: torch.fx.Graph) -> PatternMatcherPass:
+        targets = {node.target for node in graph.nodes if node.op == "call_function"}
+        for variant in routing_variants():
+            group = (variant.family, variant.scoring_func)
+            if group in self.registered or not (
+                _FAMILY_NEEDS[variant.family] in targets
+                and _SCORING_NEEDS[variant.scoring_func] in targets
+            ):
+                continue
+            for member in routing_variants():
+                if (member.family, member.scoring_func) == group:
+                    self._register(member)
+            self.registered.add(group)
+        return self.patterns
+
+    def _register(self, variant: RoutingVariant) -> None:
         search, replace, example_inputs, scalars = _search_and_replace(variant)
         register_pattern(
             search,
             replace,
             example_inputs,
-            patterns,
+            self.patterns,
             extra_check=_scalars_are_constants,
             scalar_workaround=scalars,
             pattern_name=variant.name,
             skip_duplicates=True,
         )
-    return patterns
+
+
+@functools.cache
+def _lazy_patterns() -> _LazyRoutingPatterns:
+    return _LazyRoutingPatterns()
+
+
+def routing_patterns(graph: torch.fx.Graph) -> PatternMatcherPass:
+    """The routing patterns ``graph`` can contain, each traced once per process."""
+    return _lazy_patterns().for_graph(graph)
