@@ -39,6 +39,7 @@ import os
 import torch
 
 from moe_compile.eplb import REPLICA_POLICIES, EplbLayerState, eplb_map_to_physical_and_record
+from moe_compile.router.custom import append_shared_experts
 from moe_compile.router.grouped import grouped_topk, is_degenerate_grouping
 from moe_compile.router.scoring import SCORING_FUNCS
 from moe_compile.router.topk import fused_topk, fused_topk_bias
@@ -263,12 +264,7 @@ def _logical_routing(
         weights = weights * routed_scaling_factor
     ids = ids.long()
     if num_fused_shared_experts:
-        shared_weights = torch.sigmoid(router_logits[:, num_routed:].float())
-        shared_ids = torch.arange(
-            num_routed, router_logits.shape[1], device=router_logits.device
-        ).expand(router_logits.shape[0], -1)
-        weights = torch.cat([weights, shared_weights], dim=-1)
-        ids = torch.cat([ids, shared_ids], dim=-1)
+        weights, ids = append_shared_experts(weights, ids, router_logits, num_fused_shared_experts)
     return weights, ids
 
 

@@ -23,6 +23,7 @@ from torch._inductor.pattern_matcher import (
 )
 
 from moe_compile.eplb.mapping import map_to_physical
+from moe_compile.router.custom import append_shared_experts
 from moe_compile.router.scoring import compute_scores, renormalize_weights
 
 
@@ -88,12 +89,9 @@ def decomposed_route(
         topk_weights = renormalize_weights(topk_weights, scoring_func)
     topk_weights = topk_weights * routed_scaling_factor
     if num_fused_shared_experts:
-        shared_weights = torch.sigmoid(router_logits[:, num_routed:].float())
-        shared_ids = torch.arange(
-            num_routed, num_routed + num_fused_shared_experts, device=router_logits.device
-        ).expand(num_tokens, -1)
-        topk_weights = torch.cat([topk_weights, shared_weights], dim=-1)
-        topk_ids = torch.cat([topk_ids, shared_ids], dim=-1)
+        return append_shared_experts(
+            topk_weights, topk_ids, router_logits, num_fused_shared_experts
+        )
     return topk_weights, topk_ids
 
 

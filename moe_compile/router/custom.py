@@ -48,6 +48,25 @@ class CustomRoutingRouter(BaseRouter):
         return topk_weights.float(), topk_ids
 
 
+def append_shared_experts(
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    router_logits: torch.Tensor,
+    num_fused_shared_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the shared experts (the last logit columns) after the routed ones:
+    weight ``sigmoid(logit)``, id ``E_routed + i``."""
+    num_routed = router_logits.shape[-1] - num_fused_shared_experts
+    shared_weights = torch.sigmoid(router_logits[:, num_routed:].float())
+    shared_ids = torch.arange(
+        num_routed, num_routed + num_fused_shared_experts, device=router_logits.device
+    ).expand(router_logits.shape[0], -1)
+    return (
+        torch.cat([topk_weights, shared_weights], dim=-1),
+        torch.cat([topk_ids, shared_ids], dim=-1),
+    )
+
+
 def shared_routed_topk(
     router_logits: torch.Tensor, top_k: int, num_fused_shared_experts: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,13 +76,8 @@ def shared_routed_topk(
     routed_weights, routed_ids = topk_lowest_index_on_ties(scores, top_k)
     if renormalize:
         routed_weights = renormalize_weights(routed_weights, "softmax")
-    shared_weights = torch.sigmoid(router_logits[:, num_routed:].float())
-    shared_ids = torch.arange(
-        num_routed, num_routed + num_fused_shared_experts, device=router_logits.device
-    ).expand(router_logits.shape[0], -1)
-    return (
-        torch.cat([routed_weights, shared_weights], dim=-1),
-        torch.cat([routed_ids, shared_ids], dim=-1),
+    return append_shared_experts(
+        routed_weights, routed_ids, router_logits, num_fused_shared_experts
     )
 
 
