@@ -157,7 +157,11 @@ def test_ids_used_twice_block_the_fold_but_stay_correct():
         top_k=TOP_K, global_num_experts=NUM_EXPERTS + 4, eplb_state=state
     )
     captured = []
-    router.set_capture_fn(captured.append)
+
+    def capture(logical_ids):  # a function: torch 2.11 cannot trace a bound list.append
+        captured.append(logical_ids)
+
+    router.set_capture_fn(capture)
     (eager, compiled), graph = run_both(router, state, tied_logits(NUM_TOKENS, NUM_EXPERTS))
     assert_same(eager, compiled)
     assert len(captured) == 2
