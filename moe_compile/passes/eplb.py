@@ -144,14 +144,14 @@ def _find_route(remap: torch.fx.Node) -> _RouteToRemap | None:
     if num_shared == 0:
         return (
             found
-            if not routed_slices and _single_user(node) is between_head(found, remap)
+            if not routed_slices and _single_user(node) is _between_head(found, remap)
             else None
         )
     # Shared experts: ids -> [routed slice -> ... -> remap] and [shared slice -> cat].
     top_k = _route_arg(route, "top_k")
     if len(routed_slices) != 1 or not _is_column_slice(routed_slices[0], 0, top_k):
         return None
-    others = [u for u in node.users if u is not between_head(found, remap)]
+    others = [u for u in node.users if u is not _between_head(found, remap)]
     if len(others) != 1 or not _is_column_slice(others[0], top_k):
         return None
     cat = _single_user(others[0])
@@ -168,7 +168,7 @@ def _find_route(remap: torch.fx.Node) -> _RouteToRemap | None:
     return found
 
 
-def between_head(found: _RouteToRemap, remap: torch.fx.Node) -> torch.fx.Node:
+def _between_head(found: _RouteToRemap, remap: torch.fx.Node) -> torch.fx.Node:
     """The node that reads the route's ids on the way to the remap."""
     return found.between[-1] if found.between else remap
 

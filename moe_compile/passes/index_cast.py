@@ -18,8 +18,8 @@ def _route_nodes(graph: torch.fx.Graph):
 
 
 def _ids_output(node: torch.fx.Node) -> torch.fx.Node | None:
-    index = 1
-    found = [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
+    """The getitem that reads the ids (output 1 of both routing ops)."""
+    found = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
     return found[0] if len(found) == 1 else None
 
 
