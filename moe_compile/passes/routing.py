@@ -160,6 +160,50 @@ def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, li
 
         return search, replace, [logits, bias], scalars
 
+    if variant.family == "grouped_all_groups":
+        # topk_group == num_expert_group: the slice that keeps the best groups
+        # spans the whole row, so Inductor removes it as a no-op and the graph
+        # no longer names topk_group; this form is traced without that slice
+        # and gives the op the group count for both.
+        scalars = {
+            **top_k,
+            "num_expert_group": _EXAMPLE["num_expert_group"],
+            "routed_scaling_factor": _EXAMPLE_SCALE,
+        }
+        if bias is None:
+
+            def search(router_logits, top_k, num_expert_group, routed_scaling_factor):
+                return grouped_topk(
+                    router_logits, top_k, num_expert_group, num_expert_group, renorm, scoring,
+                    None, routed_scaling_factor,
+                )  # fmt: skip
+
+            def replace(router_logits, top_k, num_expert_group, routed_scaling_factor):
+                return _route(
+                    router_logits, None, top_k, variant, routed_scaling_factor,
+                    num_expert_group, num_expert_group,
+                )  # fmt: skip
+
+            return search, replace, [logits], scalars
+
+        def search(
+            router_logits, e_score_correction_bias, top_k, num_expert_group, routed_scaling_factor
+        ):
+            return grouped_topk(
+                router_logits, top_k, num_expert_group, num_expert_group, renorm, scoring,
+                e_score_correction_bias, routed_scaling_factor,
+            )  # fmt: skip
+
+        def replace(
+            router_logits, e_score_correction_bias, top_k, num_expert_group, routed_scaling_factor
+        ):
+            return _route(
+                router_logits, e_score_correction_bias, top_k, variant, routed_scaling_factor,
+                num_expert_group, num_expert_group,
+            )  # fmt: skip
+
+        return search, replace, [logits, bias], scalars
+
     if variant.family == "shared_routed":
         scalars = {**top_k, "num_fused_shared_experts": _EXAMPLE_SHARED}
 
@@ -210,10 +254,12 @@ def routing_variants() -> Iterator[RoutingVariant]:
     bias_dtypes = (torch.bfloat16, torch.float32)
     for scoring, renorm, logits in itertools.product(SCORING_FUNCS, (True, False), logits_dtypes):
         yield RoutingVariant("topk", scoring, renorm, logits)
-        yield RoutingVariant("grouped", scoring, renorm, logits)
+        for grouped in ("grouped", "grouped_all_groups"):
+            yield RoutingVariant(grouped, scoring, renorm, logits)
         for bias in bias_dtypes:
             yield RoutingVariant("topk_bias", scoring, renorm, logits, bias)
-            yield RoutingVariant("grouped", scoring, renorm, logits, bias)
+            for grouped in ("grouped", "grouped_all_groups"):
+                yield RoutingVariant(grouped, scoring, renorm, logits, bias)
     for renorm, logits in itertools.product((True, False), logits_dtypes):
         yield RoutingVariant("shared_routed", "softmax", renorm, logits)
     for logits, dim in itertools.product(logits_dtypes, (-1, 1)):
@@ -228,7 +274,9 @@ def routing_variants() -> Iterator[RoutingVariant]:
 _FAMILY_NEEDS = {
     "topk": torch.ops.aten.sort.stable,
     "topk_bias": torch.ops.aten.sort.stable,
-    "grouped": torch.ops.aten.sort.stable,
+    # The group mask's any(): plain top-k graphs then trace no grouped pattern.
+    "grouped": torch.ops.aten.any.dim,
+    "grouped_all_groups": torch.ops.aten.any.dim,
     "shared_routed": torch.ops.aten.sort.stable,
     "softmax_then_topk": torch.ops.aten.topk.default,
     "topk_then_softmax": torch.ops.aten.topk.default,

@@ -31,6 +31,8 @@ ROUTER_CONFIGS = {
         routed_scaling_factor=2.5,
     ),
     "shared_routed": dict(num_fused_shared_experts=2),
+    # Every group kept: Inductor drops the group slice as a no-op (its own pattern).
+    "grouped_all_groups_softmax": dict(use_grouped_topk=True, num_expert_group=4, topk_group=4),
 }
 EPLB_FUSES = set(ROUTER_CONFIGS)
 
@@ -210,3 +212,63 @@ def test_real_model_grouped_configs_fuse(num_experts, groups, topk_group, top_k,
     (eager, compiled), graph = run_both(router, state, logits)
     assert_same(eager, compiled)
     assert graph.applied["route_eplb"] == 1
+
+
+@pytest.mark.parametrize(
+    "scoring_func,with_bias,renormalize,groups",
+    [
+        ("softmax", False, True, 4),
+        ("sigmoid", True, True, 8),  # group size 2: the top-2 group score is the whole group
+        ("sqrtsoftplus", True, False, 2),
+        ("sigmoid", False, False, 2),
+        ("softmax", True, True, 4),
+    ],
+)
+def test_grouped_routing_keeping_every_group_fuses(scoring_func, with_bias, renormalize, groups):
+    """topk_group == num_expert_group: one route_eplb, ids exact (ties included)."""
+    state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+    router = mc.GroupedTopKRouter(
+        TOP_K,
+        NUM_EXPERTS + 4,
+        num_expert_group=groups,
+        topk_group=groups,
+        eplb_state=state,
+        scoring_func=scoring_func,
+        renormalize=renormalize,
+        e_score_correction_bias=BIAS.to(torch.bfloat16) if with_bias else None,
+        routed_scaling_factor=1.5,
+    )
+    for seed in range(3):
+        logits = tied_logits(NUM_TOKENS, NUM_EXPERTS, torch.bfloat16, seed=seed)
+        torch._dynamo.reset()
+        (eager, compiled), graph = run_both(router, state, logits)
+        assert_same(eager, compiled)
+    assert graph.applied == {"routing": 1, "eplb_remap": 1, "route_eplb": 1, "index_cast": 1}
+    assert graph.ops_after["auto_functionalized(moe_compile.route_eplb)"] == 1
+    assert graph.ops_after.get("aten.sort", 0) == 0 and graph.ops_after.get("aten.topk", 0) == 0
+    # The op keeps every group: it is told topk_group = num_expert_group.
+    assert f"num_expert_group={groups}, topk_group={groups}," in graph.after
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_one_group_grouped_router_is_left_unfused_and_correct(with_bias):
+    """A GroupedTopKRouter built directly with one group (the factory routes
+    that config to the plain routers, which fuse) traces its group mask without
+    the copy every other grouping has; no pattern covers it, so it stays as
+    traced and still equals eager."""
+    state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+    router = mc.GroupedTopKRouter(
+        TOP_K,
+        NUM_EXPERTS + 4,
+        num_expert_group=1,
+        topk_group=1,
+        eplb_state=state,
+        scoring_func="sigmoid",
+        e_score_correction_bias=BIAS if with_bias else None,
+        routed_scaling_factor=2.5,
+    )
+    logits = tied_logits(NUM_TOKENS, NUM_EXPERTS)
+    (eager, compiled), graph = run_both(router, state, logits)
+    assert_same(eager, compiled)
+    assert graph.applied["routing"] == 0
+    assert graph.ops_after.get("aten.sort", 0) == 2

@@ -149,6 +149,25 @@ in5: b8[]
 return (%1, %2)""",
         )
 
+    def test_grouped_all_groups_softmax_eplb(self):
+        # topk_group == num_expert_group: Inductor drops the group slice as a no-op.
+        options = dict(use_grouped_topk=True, num_expert_group=4, topk_group=4)
+        self.assertExpectedInline(
+            self.fused_graph(True, **options),
+            """\
+in0: f32[8, 16]
+in1: i32[20]
+in2: i64[16, 2]
+in3: i64[16]
+in4: b8[]
+%0: (f32[8, 4], i32[8, 4], i32[20]) = auto_functionalized(moe_compile.route_eplb, router_logits=in0, e_score_correction_bias=None, top_k=4, scoring_func='softmax', renormalize=True, routed_scaling_factor=1.0, num_expert_group=4, topk_group=4, num_fused_shared_experts=0, indices_dtype=i32, logical_to_physical_map=in2, logical_replica_count=in3, expert_load_view=in1, should_record=in4, num_unpadded_tokens=None, replica_policy='token_hash')
+%1: f32[8, 4] = %0[0]
+%2: i32[8, 4] = %0[1]
+%3: i32[20] = %0[2]
+%4: i32[20] = aten.copy_(in1, %3)
+return (%1, %2)""",
+        )
+
     def test_shared_routed(self):
         self.assertExpectedInline(
             self.fused_graph(False, num_fused_shared_experts=2),
