@@ -6,6 +6,13 @@ Two steps keep the pattern count linear instead of routers x EPLB variants:
 2. ``eplb_remap`` fed by a ``moe_compile::route`` op whose ids have no other
    user becomes one ``route_eplb`` op, inserted through ``auto_functionalized``
    so Inductor writes the load counter in place.
+
+A ``ZeroExpertRouter``'s chain is not folded in step 2: between routing and
+remap it sends zero-expert slots to id 0 with weight 0 and sums their
+pre-mask weights into a side output. ``route_eplb`` has no zero-expert
+semantics (no count of real experts, no pre-mask weights out), and giving it
+some would change its schema and the Triton kernel, so there the routing
+fuses alone and the remap stays one ``eplb_remap``.
 """
 
 from __future__ import annotations

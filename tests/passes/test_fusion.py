@@ -272,3 +272,41 @@ def test_one_group_grouped_router_is_left_unfused_and_correct(with_bias):
     assert_same(eager, compiled)
     assert graph.applied["routing"] == 0
     assert graph.ops_after.get("aten.sort", 0) == 2
+
+
+def test_zero_expert_router_eplb_fuses_routing_and_keeps_the_remap_separate():
+    """The zero-expert masking (ids past the real experts -> id 0, weight 0, and
+    the side output from the pre-mask weights) sits between routing and remap.
+    The routing ops have no zero-expert semantics, so only the routing fuses and
+    the remap stays one ``eplb_remap``; results, load and side output equal eager."""
+    num_zero = 2
+    state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+    router = mc.create_fused_moe_router(
+        top_k=TOP_K,
+        global_num_experts=NUM_EXPERTS + 4,
+        eplb_state=state,
+        zero_expert_type="identity",
+        num_logical_experts=NUM_EXPERTS,
+        e_score_correction_bias=torch.linspace(-0.2, 0.2, NUM_EXPERTS + num_zero),
+        routed_scaling_factor=1.5,
+    )
+    assert isinstance(router, mc.ZeroExpertRouter)
+    logits = tied_logits(NUM_TOKENS, NUM_EXPERTS + num_zero)
+    logits[::2, NUM_EXPERTS:] = 4.0  # every other token picks both zero experts
+    hidden = torch.randn(NUM_TOKENS, 4)
+    backend = PassTestBackend()
+    compiled = torch.compile(router.select_experts, backend=backend, fullgraph=True)
+    results = []
+    for fn in (router.select_experts, compiled):
+        state.expert_load_view.zero_()
+        weights, ids = fn(hidden, logits)
+        results.append((weights, ids, state.expert_load_view.clone(), router.zero_expert_output))
+    (w_e, ids_e, load_e, zero_e), (w_c, ids_c, load_c, zero_c) = results
+    assert_same((w_e, ids_e, load_e), (w_c, ids_c, load_c))
+    torch.testing.assert_close(zero_c, zero_e)
+    assert zero_e[::2].abs().sum() > 0 and (w_e[::2] == 0).sum() == 2 * len(w_e[::2])
+    graph = backend.graphs[0]
+    assert graph.applied["routing"] == 1 and graph.applied["route_eplb"] == 0
+    assert graph.ops_after["moe_compile.route"] == 1
+    assert graph.ops_after["moe_compile.eplb_remap"] == 1
+    assert graph.ops_after.get("aten.sort", 0) == 0
