@@ -1,27 +1,46 @@
 """The Triton kernel behind ``moe_compile::route`` and ``moe_compile::route_eplb`` (private).
 
-One program owns ``BLOCK_T`` tokens at a time with all their experts in
-registers, as a ``[BLOCK_T, GROUPS_PAD, GROUP_PAD]`` tile: expert ``g *
-GROUP_SIZE + m`` sits at group ``g``, member ``m`` (ungrouped routing is one
-group). Per tile: selection keys, the group choice, the top-k, then (after the
-chosen positions are spread over the threads through the weights buffer) the
-weights from the logits re-read at the chosen ids, the shared-expert columns
-and, with EPLB, the physical ids. The load is counted into a per-program
-histogram over the physical experts; each program adds it with one atomic per
-touched expert after its last tile (programs loop over tiles, so with EPLB
-there are only a few programs per SM).
+Layout. A program routes ``BLOCK_T`` tokens per tile and loops over tiles. A
+token's row of experts is spread over ``LANES`` threads; each lane holds
+``CHUNK`` experts of the row as a tuple of ``CHUNK`` tensors ``[BLOCK_T,
+LANES]``. Entry ``j`` of lane ``l`` is expert ``g * GROUP_SIZE + m`` with group
+``g = j // MEMBERS_PER_LANE`` and member ``m = (j % MEMBERS_PER_LANE) * LANES +
+l``: a group's members are interleaved over the lanes, so loading one entry
+reads neighbouring experts (coalesced) and every lane holds members of every
+group (ungrouped routing is one group).
 
-Two top-k implementations, both giving equal keys to the lower index:
-- float32 keys (``_top_k_exact``): TOP_K rounds of row max, lowest position
-  holding it, mask it. Keys are computed elementwise with the formulas and
-  correctly rounded operations of PyTorch's CUDA kernels (libdevice exp/log1p,
-  ``div_rn``, ``sqrt_rn``), so equal inputs give equal keys as in eager.
-- packed int32 keys (``_top_k_packed``), for softmax without bias or groups on
-  bf16/fp16 logits: the logit's bits in value order above the inverted
-  position, one integer max per round. Softmax ranks like the logits except
-  where float32 rounding makes distinct logits' scores equal; tiles where that
-  can happen (chosen logits within 2**-7 (bf16) / 2**-4 (fp16) of zero, or
-  spanning more than 80) are redone with float32 keys.
+Keys. Selection compares one integer per expert: the selection score in value
+order above the inverted expert index, so ``max`` takes the larger score and,
+on equal scores, the lower index (as eager ``topk`` does):
+- int64 keys: the bits of the float32 score (``-0.0`` as ``+0.0``). The scores
+  are computed elementwise with the formulas and correctly rounded operations
+  of PyTorch's CUDA kernels (libdevice exp/log1p, ``div_rn``, ``sqrt_rn``), so
+  equal inputs give equal keys as in eager.
+- int32 keys (``PACKED_TOP_K``), for softmax without bias or groups on 16-bit
+  logits: the logit's 16 bits. Softmax ranks like the logits except where
+  float32 rounding makes distinct logits' scores equal, which needs logits
+  within about 2e-5 of each other: only near zero, or where scores underflow.
+  Tiles where a chosen logit is within 2**-7 (bf16) / 2**-4 (fp16) of zero, not
+  finite, or more than 80 below the first are redone with int64 keys.
+
+Top-k. Each lane sorts its keys once: bitonic networks over blocks of
+``HEADS = next_pow2(min(CHUNK, TOP_K))`` keys, then pairwise merges that keep
+the best ``HEADS``. Then ``TOP_K`` rounds take the maximum of the lanes' first
+keys (a reduction over ``LANES`` threads) and the lane that held it drops its
+first key. Against ``TOP_K`` reductions over the whole row this does a few
+compare-exchanges per key once and ``TOP_K`` reductions over ``LANES`` keys.
+
+Grouped routing scores a group by its best key (plus the second best with a
+correction bias, as DeepSeek-V3 does) over its members in all lanes, keeps the
+``TOPK_GROUP`` best groups (lower group on ties) and clears the other groups'
+keys before the sort.
+
+After the selection the chosen experts pass through the weights buffer, which
+spreads a row's ``TOP_K`` slots over the threads for the per-slot work:
+weights from the logits re-read at the chosen ids, shared-expert columns and,
+with EPLB, the physical ids. The load is counted into a per-program histogram
+over the physical experts; each program adds it with one atomic per touched
+expert after its last tile (with EPLB the grid is a few programs per SM).
 
 float32 rounding of scores is device math: eager on the CPU and on the GPU can
 already disagree on which distinct logits tie. Under the interpreter
@@ -43,6 +62,9 @@ from triton.language.extra import libdevice
 SCORING_CODES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_NO_KEY32 = tl.constexpr(-2147483648)
+_NO_KEY64 = tl.constexpr(-9223372036854775808)
 
 
 @triton.jit
@@ -77,67 +99,304 @@ def _elementwise_score(x, SCORING: tl.constexpr, PRECISE_MATH: tl.constexpr):
     return s
 
 
-_INT32_MIN = tl.constexpr(-2147483648)
+# ---------------------------------------------------------------- keys
+@triton.jit
+def _float_key(score, expert, valid):
+    """int64 key of a float32 score: its bits in value order, then the inverted expert index."""
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with +0.0
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (0xFFFF - expert).to(tl.int64)
+    return tl.where(valid, key, _NO_KEY64)
 
 
 @triton.jit
-def _top_k_exact(
-    key, position, slot, TOP_K: tl.constexpr, NO_POSITION: tl.constexpr, BLOCK_T: tl.constexpr
-):
-    """``[BLOCK_T, TOP_K_PAD]`` positions: TOP_K rounds of row max, the lowest
-    position holding it, then masking it (so equal keys go to the lower position)."""
-    chosen = tl.zeros([BLOCK_T, slot.shape[1]], dtype=tl.int32)
-    for i in tl.static_range(TOP_K):
-        best = tl.max(tl.max(key, axis=2), axis=1)
-        at_best = tl.where(key == best[:, None, None], position, NO_POSITION)
-        pick = tl.min(tl.min(at_best, axis=2), axis=1)
-        key = tl.where(position == pick[:, None, None], float("-inf"), key)
-        chosen = tl.where(slot == i, pick[:, None], chosen)
-    return chosen
+def _key_score(key):
+    """The float32 score an int64 key holds."""
+    ordered = (key >> 32).to(tl.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _top_k_packed(x_raw, position, is_expert, slot, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Top-k of 16-bit softmax logits on one int32 key per expert: the logit's bits
-    in value order, then the inverted position (so the lower index wins ties).
+def _packed_key(x_raw, expert, valid):
+    """int32 key of a 16-bit logit: its bits in value order, then the inverted expert index."""
+    bits = x_raw.to(tl.int16, bitcast=True).to(tl.int32)
+    bits = tl.where(bits == -32768, 0, bits)  # -0.0 ties with +0.0
+    ordered = bits ^ ((bits >> 15) & 0x7FFF)
+    return tl.where(valid, (ordered << 16) | (0xFFFF - expert), _NO_KEY32)
 
-    Softmax orders experts like their logits, except where float32 rounds two
-    distinct logits to equal scores (eager then takes the lower index). That
-    needs two logits closer than about 2e-5, which distinct 16-bit values only
-    are near zero, or scores that underflow. Returns the positions and, per row,
-    whether a chosen logit, or the best one below the last chosen, is that
-    close to zero (or not finite), or the chosen span more than 80: such tiles
-    are redone exactly.
+
+@triton.jit
+def _key_expert(key):
+    return 0xFFFF - (key & 0xFFFF).to(tl.int32)
+
+
+# ---------------------------------------------------------------- per-lane sorting
+@triton.constexpr_function
+def _sorting_network(width, heads):
+    """Compare-exchanges ``(high, low)`` that sort each block of ``heads`` keys descending
+    (bitonic sort; blocks with bit ``s`` of the index set run ascending at stage ``s``)."""
+    pairs = []
+    for block in range(0, width, heads):
+        size = 2
+        while size <= heads:
+            stride = size // 2
+            while stride > 0:
+                for i in range(heads):
+                    j = i ^ stride
+                    if j > i:
+                        high, low = (i, j) if (i & size) == 0 else (j, i)
+                        pairs.append((block + high, block + low))
+                stride //= 2
+            size *= 2
+    return tuple(pairs)
+
+
+@triton.constexpr_function
+def _merge_network(width, heads):
+    """Steps that leave the best ``heads`` keys of sorted blocks in keys[:heads], sorted.
+
+    A step ``(a, b, True)`` sets ``keys[a] = max(keys[a], keys[b])``; ``(a, b, False)``
+    is a compare-exchange. Merging a block with its neighbour takes the maxima of
+    one descending and one ascending sequence, which are bitonic, then one
+    bitonic merge sorts them.
     """
-    if x_raw.dtype == tl.bfloat16:
+    steps = []
+    span = heads
+    while span < width:
+        for block in range(0, width, 2 * span):
+            for i in range(heads):
+                steps.append((block + i, block + span + heads - 1 - i, True))
+            stride = heads // 2
+            while stride > 0:
+                for i in range(heads):
+                    if (i & stride) == 0:
+                        steps.append((block + i, block + i + stride, False))
+                stride //= 2
+        span *= 2
+    return tuple(steps)
+
+
+@triton.jit
+def _lane_heads(keys, HEADS: tl.constexpr):
+    """The best ``HEADS`` of a lane's keys (a power-of-two count), descending.
+
+    The networks are written out on the tuple here (no helper calls per
+    compare-exchange), which keeps compile time low.
+    """
+    SORT: tl.constexpr = _sorting_network(len(keys), HEADS)
+    for p in tl.static_range(len(SORT)):
+        high = tl.maximum(keys[SORT[p][0]], keys[SORT[p][1]])
+        low = tl.minimum(keys[SORT[p][0]], keys[SORT[p][1]])
+        exchanged = ()
+        for n in tl.static_range(len(keys)):
+            if n == SORT[p][0]:
+                exchanged = exchanged + (high,)
+            elif n == SORT[p][1]:
+                exchanged = exchanged + (low,)
+            else:
+                exchanged = exchanged + (keys[n],)
+        keys = exchanged
+    MERGE: tl.constexpr = _merge_network(len(keys), HEADS)
+    for p in tl.static_range(len(MERGE)):
+        high = tl.maximum(keys[MERGE[p][0]], keys[MERGE[p][1]])
+        low = tl.minimum(keys[MERGE[p][0]], keys[MERGE[p][1]])
+        exchanged = ()
+        for n in tl.static_range(len(keys)):
+            if n == MERGE[p][0]:
+                exchanged = exchanged + (high,)
+            elif n == MERGE[p][1] and not MERGE[p][2]:
+                exchanged = exchanged + (low,)
+            else:
+                exchanged = exchanged + (keys[n],)
+        keys = exchanged
+    heads = ()
+    for i in tl.static_range(HEADS):
+        heads = heads + (keys[i],)
+    return heads
+
+
+@triton.jit
+def _take_top_k(
+    keys,
+    pick_ptrs,
+    is_token,
+    TOP_K: tl.constexpr,
+    HEADS: tl.constexpr,
+    SORT_WIDTH: tl.constexpr,
+    NO_KEY: tl.constexpr,
+):
+    """Store the experts of the ``TOP_K`` largest keys of each row at ``pick_ptrs + slot``;
+    return the last of those keys and the first (``[BLOCK_T]`` each). ``SORT_WIDTH``
+    is the lane's key count rounded up to a power of two."""
+    for _ in tl.static_range(len(keys), SORT_WIDTH):
+        keys = keys + (tl.full(keys[0].shape, NO_KEY, keys[0].dtype),)
+    heads = _lane_heads(keys, HEADS)
+    first = tl.max(heads[0], axis=1)
+    best = first
+    for r in tl.static_range(TOP_K):
+        if r > 0:
+            best = tl.max(heads[0], axis=1)
+        tl.store(pick_ptrs + r, _key_expert(best), mask=is_token)
+        if r + 1 < TOP_K:
+            popped = heads[0] == best[:, None]
+            shifted = ()
+            for j in tl.static_range(HEADS):
+                if j + 1 < TOP_K - r:
+                    if j + 1 < HEADS:
+                        shifted = shifted + (tl.where(popped, heads[j + 1], heads[j]),)
+                    else:
+                        shifted = shifted + (tl.where(popped, NO_KEY, heads[j]),)
+                else:
+                    shifted = shifted + (heads[j],)
+            heads = shifted
+    return best, first
+
+
+@triton.jit
+def _take_top_k_small(keys, pick_ptrs, is_token, TOP_K: tl.constexpr, NO_KEY: tl.constexpr):
+    """``_take_top_k`` as TOP_K rounds of a row maximum in a loop: slower, but little
+    code, for the rare exact redo (compile time grows with the code's size)."""
+    for r in range(TOP_K):
+        lane_best = keys[0]
+        for j in tl.static_range(1, len(keys)):
+            lane_best = tl.maximum(lane_best, keys[j])
+        best = tl.max(lane_best, axis=1)
+        tl.store(pick_ptrs + r, _key_expert(best), mask=is_token)
+        cleared = ()
+        for j in tl.static_range(len(keys)):
+            cleared = cleared + (tl.where(keys[j] == best[:, None], NO_KEY, keys[j]),)
+        keys = cleared
+
+
+# ---------------------------------------------------------------- scores
+@triton.jit
+def _row_softmax_stats(x, valid, PRECISE_MATH: tl.constexpr):
+    """Per entry ``exp(x - row max)`` (0 off the row), and the row's max and sum (``[BLOCK_T]``)."""
+    row_max = tl.where(valid[0], x[0], float("-inf"))
+    for j in tl.static_range(1, len(x)):
+        row_max = tl.maximum(row_max, tl.where(valid[j], x[j], float("-inf")))
+    row_max = tl.max(row_max, axis=1)
+    numerators = ()
+    total = tl.zeros_like(x[0])
+    for j in tl.static_range(len(x)):
+        numerator = tl.where(valid[j], _exp(x[j] - row_max[:, None], PRECISE_MATH), 0.0)
+        numerators = numerators + (numerator,)
+        total = total + numerator
+    return numerators, row_max, tl.sum(total, axis=1)
+
+
+@triton.jit
+def _keep_best_groups(
+    keys,
+    MEMBERS_PER_LANE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    TOP2_SCORE: tl.constexpr,
+):
+    """Clear the keys of all but the ``TOPK_GROUP`` best groups (lower group on ties).
+
+    A group scores its best key's score, plus its second best with ``TOP2_SCORE``.
+    """
+    scores = ()
+    for g in tl.static_range(NUM_GROUPS):
+        best = keys[g * MEMBERS_PER_LANE]
+        second = tl.full(best.shape, _NO_KEY64, tl.int64)
+        for i in tl.static_range(1, MEMBERS_PER_LANE):
+            key = keys[g * MEMBERS_PER_LANE + i]
+            second = tl.maximum(second, tl.minimum(best, key))
+            best = tl.maximum(best, key)
+        top1 = tl.max(best, axis=1)
+        score = _key_score(top1)
+        if TOP2_SCORE:
+            # Keys are unique, so only the lane holding top1 offers its second best.
+            top2 = tl.max(tl.where(best == top1[:, None], second, best), axis=1)
+            score = score + _key_score(top2)
+        scores = scores + (score,)
+    kept = ()
+    for _ in tl.static_range(NUM_GROUPS):
+        kept = kept + (tl.zeros(scores[0].shape, tl.int1),)
+    for _ in tl.static_range(TOPK_GROUP):
+        best_score = tl.where(kept[0], float("-inf"), scores[0])
+        for g in tl.static_range(1, NUM_GROUPS):
+            best_score = tl.maximum(best_score, tl.where(kept[g], float("-inf"), scores[g]))
+        taken = tl.zeros(scores[0].shape, tl.int1)
+        new_kept = ()
+        for g in tl.static_range(NUM_GROUPS):
+            take = (scores[g] == best_score) & ~(kept[g] | taken)
+            new_kept = new_kept + (kept[g] | take,)
+            taken = taken | take
+        kept = new_kept
+    out = ()
+    for j in tl.static_range(len(keys)):
+        if j // MEMBERS_PER_LANE < NUM_GROUPS:
+            out = out + (tl.where(kept[j // MEMBERS_PER_LANE][:, None], keys[j], _NO_KEY64),)
+        else:
+            out = out + (keys[j],)
+    return out
+
+
+@triton.jit
+def _selection_keys(
+    x,
+    numerators,
+    row_sum,
+    valid,
+    experts,
+    bias,
+    MEMBERS_PER_LANE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    SCORING: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EXACT_SOFTMAX: tl.constexpr,
+    PRECISE_MATH: tl.constexpr,
+):
+    """int64 selection keys: scores (+ bias), grouped routing applied. Softmax
+    scores come from the row's ``numerators`` and ``row_sum``, the others from ``x``."""
+    keys = ()
+    for j in tl.static_range(len(x)):
+        if SCORING == 0:
+            if HAS_BIAS or EXACT_SOFTMAX:
+                score = tl.math.div_rn(numerators[j], row_sum[:, None])
+            else:
+                score = numerators[j]  # orders like numerator / row_sum
+        else:
+            score = _elementwise_score(x[j], SCORING, PRECISE_MATH)
+        if HAS_BIAS:
+            score = score + bias[j]
+        keys = keys + (_float_key(score, experts[j], valid[j]),)
+    if NUM_GROUPS > 1:
+        keys = _keep_best_groups(keys, MEMBERS_PER_LANE, NUM_GROUPS, TOPK_GROUP, HAS_BIAS)
+    return keys
+
+
+@triton.jit
+def _packed_suspect(last, first, LOGITS_DTYPE: tl.constexpr):
+    """Rows whose packed choice may differ from the float32 one: see the module doc.
+    The chosen logits lie between ``last`` and ``first``, so checking both bounds
+    suffices for closeness to zero only if they share a sign; otherwise zero lies
+    between them and the row is suspect anyway."""
+    if LOGITS_DTYPE == tl.bfloat16:
         TINY: tl.constexpr = 0x3C00  # 2**-7: bf16 neighbours there are 2**-15 apart
         HUGE: tl.constexpr = 0x7F80  # inf
     else:
         TINY: tl.constexpr = 0x2C00  # 2**-4 in float16
         HUGE: tl.constexpr = 0x7C00
-    bits = x_raw.to(tl.int16, bitcast=True).to(tl.int32)
-    bits = tl.where(bits == -32768, 0, bits)  # -0.0 ties with +0.0
-    ordered = bits ^ ((bits >> 15) & 0x7FFF)
-    key = tl.where(is_expert, (ordered << 16) | (0xFFFF - position), _INT32_MIN)
-    chosen = tl.zeros([BLOCK_T, slot.shape[1]], dtype=tl.int32)
-    first = tl.max(tl.max(key, axis=2), axis=1)
-    best = first
-    suspect = first != first
-    for i in tl.static_range(TOP_K):
-        if i > 0:
-            best = tl.max(tl.max(key, axis=2), axis=1)
-        chosen = tl.where(slot == i, (0xFFFF - (best & 0xFFFF))[:, None], chosen)
-        key = tl.where(key == best[:, None, None], _INT32_MIN, key)
-        value = best >> 16
-        magnitude = value ^ (value >> 31)
-        suspect = suspect | ((magnitude != 0) & (magnitude < TINY)) | (magnitude >= HUGE)
-    below = tl.where(key < ((best >> 16) << 16)[:, None, None], key, _INT32_MIN)
-    next_key = tl.max(tl.max(below, axis=2), axis=1)
-    value = next_key >> 16
-    magnitude = value ^ (value >> 31)
-    tiny_next = (magnitude != 0) & (magnitude < TINY) & (next_key != _INT32_MIN)
-    span = _ordered_to_float(first >> 16, x_raw.dtype) - _ordered_to_float(best >> 16, x_raw.dtype)
-    return chosen, suspect | tiny_next | (span > 80.0)
+    high = first >> 16
+    low = last >> 16
+    high_magnitude = high ^ (high >> 31)
+    low_magnitude = low ^ (low >> 31)
+    # Ordered bits: a non-negative value holds its magnitude, a negative one its complement.
+    crosses_zero = (high >= 0) & (low < 0)
+    near_zero = (
+        crosses_zero
+        | ((high >= 0) & (low_magnitude < TINY))
+        | ((low < 0) & (high_magnitude < TINY))
+    )
+    not_finite = (high_magnitude >= HUGE) | (low_magnitude >= HUGE)
+    span = _ordered_to_float(high, LOGITS_DTYPE) - _ordered_to_float(low, LOGITS_DTYPE)
+    return near_zero | not_finite | (span > 80.0)
 
 
 @triton.jit
@@ -147,14 +406,65 @@ def _ordered_to_float(ordered, LOGITS_DTYPE: tl.constexpr):
     return bits.to(tl.int16).to(LOGITS_DTYPE, bitcast=True).to(tl.float32)
 
 
+@triton.constexpr_function
+def _bit_reversed(index, width):
+    bits = width.bit_length() - 1
+    return int(format(index, f"0{bits}b")[::-1], 2) if bits else 0
+
+
 @triton.jit
-def _softmax_numerator(x_raw, is_expert, PRECISE_MATH: tl.constexpr):
-    """``exp(x - row max)`` over the tile (padding 0) and the row max."""
-    x = tl.where(is_expert, x_raw.to(tl.float32), float("-inf"))
-    row_max = tl.max(tl.max(x, axis=2), axis=1)
-    return _exp(x - row_max[:, None, None], PRECISE_MATH), row_max
+def _load_lanes(
+    ptr,
+    row_offsets,
+    is_row,
+    stride_e,
+    LANES: tl.constexpr,
+    MEMBERS_PER_LANE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """Rows of experts in the lane layout: a tuple of ``WIDTH`` tensors ``[rows, LANES]``.
+
+    One load of the whole tile, split into the tuple: one memory operation instead
+    of ``WIDTH`` keeps Triton's coalescing analysis (quadratic in the kernel's
+    memory operations) from dominating compile time.
+    """
+    entry = tl.arange(0, WIDTH)[None, :, None]
+    lane = tl.arange(0, LANES)[None, None, :]
+    member = (entry % MEMBERS_PER_LANE) * LANES + lane
+    group = entry // MEMBERS_PER_LANE
+    valid = (group < NUM_GROUPS) & (member < GROUP_SIZE)
+    tile = tl.load(
+        ptr + row_offsets[:, :, None] + (group * GROUP_SIZE + member) * stride_e,
+        mask=is_row[:, None, None] & valid,
+        other=0.0,
+    )
+    ROWS: tl.constexpr = tile.shape[0]
+    parts = (tl.permute(tile, (0, 2, 1)),)
+    for _ in tl.static_range(10):
+        if len(parts) < WIDTH:
+            halves = ()
+            for p in tl.static_range(len(parts)):
+                even, odd = tl.split(tl.reshape(parts[p], [ROWS, LANES, parts[p].shape[2] // 2, 2]))
+                halves = halves + (even, odd)
+            parts = halves
+    # Halving by parity leaves entry j at the bit-reversed position.
+    out = ()
+    for j in tl.static_range(WIDTH):
+        out = out + (tl.reshape(parts[_bit_reversed(j, WIDTH)], [ROWS, LANES]),)
+    return out
 
 
+@triton.jit
+def _to_float32(x_raw):
+    x = ()
+    for j in tl.static_range(len(x_raw)):
+        x = x + (x_raw[j].to(tl.float32),)
+    return x
+
+
+# ---------------------------------------------------------------- the kernel
 @triton.jit(do_not_specialize=["num_tokens"])
 def _route_kernel(
     logits_ptr,
@@ -182,11 +492,13 @@ def _route_kernel(
     E_ROUTED: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
-    GROUPS_PAD: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
+    LANES: tl.constexpr,
+    MEMBERS_PER_LANE: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr,
     TOP_K_PAD: tl.constexpr,
+    HEADS: tl.constexpr,
+    SORT_WIDTH: tl.constexpr,
     N_SHARED: tl.constexpr,
     N_SHARED_PAD: tl.constexpr,
     SCORING: tl.constexpr,
@@ -200,32 +512,37 @@ def _route_kernel(
     PACKED_TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
 ):
-    NO_POSITION: tl.constexpr = GROUPS_PAD * GROUP_PAD
+    CHUNK: tl.constexpr = NUM_GROUPS * MEMBERS_PER_LANE
     # Softmax weights renormalized over the chosen experts need neither the row's
     # sum (it cancels) nor its max (the first chosen logit is the max) when the
     # choice is on the plain scores.
     CHOSEN_ONLY_WEIGHTS: tl.constexpr = (
         SCORING == 0 and RENORMALIZE and not HAS_BIAS and NUM_GROUPS == 1
     )
-    ROW_STATS: tl.constexpr = SCORING == 0 and not CHOSEN_ONLY_WEIGHTS
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(num_tokens, BLOCK_T)
-    # The chosen positions pass through the weights buffer, which spreads a
-    # row's k slots over the threads for the per-slot work.
+    # The chosen experts pass through the weights buffer, which spreads a row's
+    # slots over the threads for the per-slot work.
     picks_ptr = weights_ptr.to(tl.pointer_type(tl.int32))
 
-    group = tl.arange(0, GROUPS_PAD)[None, :, None]
-    member = tl.arange(0, GROUP_PAD)[None, None, :]
-    expert = group * GROUP_SIZE + member
-    # Unique per tile cell (padding included) and ordered like `expert` on real experts.
-    position = group * GROUP_PAD + member
-    is_expert = (group < NUM_GROUPS) & (member < GROUP_SIZE)
+    lane = tl.arange(0, LANES)[None, :]
+    experts = ()
+    valid = ()
+    for j in tl.static_range(SORT_WIDTH):
+        member = (j % MEMBERS_PER_LANE) * LANES + lane
+        experts = experts + ((j // MEMBERS_PER_LANE) * GROUP_SIZE + member,)
+        valid = valid + ((member < GROUP_SIZE) & (j < CHUNK),)
+    bias = valid  # never read without HAS_BIAS
+    if HAS_BIAS:
+        bias = _to_float32(
+            _load_lanes(
+                bias_ptr, tl.zeros([1, 1], tl.int64), tl.full([1], True, tl.int1), stride_bias,
+                LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
+            )
+        )  # fmt: skip
     slot = tl.arange(0, TOP_K_PAD)[None, :]
     is_slot = slot < TOP_K
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert * stride_bias, mask=is_expert, other=0.0).to(tl.float32)
     if HAS_EPLB:
         record_on = tl.load(record_ptr) != 0
         if HAS_UNPADDED:
@@ -236,74 +553,57 @@ def _route_kernel(
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         is_token = token < num_tokens
         token2 = token.to(tl.int64)[:, None]
-        x_raw = tl.load(
-            logits_ptr + token2[:, :, None] * stride_logits_t + expert * stride_logits_e,
-            mask=is_token[:, None, None] & is_expert,
-            other=0.0,
-        )
-        if ROW_STATS:
-            numerator, row_max = _softmax_numerator(x_raw, is_expert, PRECISE_MATH)
-            row_sum = tl.sum(tl.sum(numerator, axis=2), axis=1)
+        pick_ptrs = picks_ptr + token.to(tl.int64) * stride_weights_t
+        x_raw = _load_lanes(
+ logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
+ LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
+ )  # fmt: skip
 
+        # ---- selection
         if PACKED_TOP_K:
-            chosen, suspect = _top_k_packed(x_raw, position, is_expert, slot, TOP_K, BLOCK_T)
+            keys = ()
+            for j in tl.static_range(SORT_WIDTH):
+                keys = keys + (_packed_key(x_raw[j], experts[j], valid[j]),)
+            last, first = _take_top_k(
+                keys, pick_ptrs, is_token, TOP_K, HEADS, SORT_WIDTH, _NO_KEY32
+            )
+            suspect = _packed_suspect(last, first, logits_ptr.dtype.element_ty)
+            if not CHOSEN_ONLY_WEIGHTS:
+                x = _to_float32(x_raw)
+                numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
             if tl.max((suspect & is_token).to(tl.int32), axis=0) > 0:
                 # Exact choice on the float32 scores, divided as eager divides them.
-                exact, _ = _softmax_numerator(x_raw, is_expert, PRECISE_MATH)
-                exact_sum = tl.sum(tl.sum(exact, axis=2), axis=1)
-                key = tl.where(
-                    is_expert, tl.math.div_rn(exact, exact_sum[:, None, None]), float("-inf")
-                )
-                chosen = _top_k_exact(key, position, slot, TOP_K, NO_POSITION, BLOCK_T)
-        else:
-            # ---- selection keys: scores (+ bias); -inf on padding
-            if SCORING == 0:
-                if not ROW_STATS:
-                    numerator, row_max = _softmax_numerator(x_raw, is_expert, PRECISE_MATH)
-                if HAS_BIAS:
-                    key = tl.math.div_rn(numerator, row_sum[:, None, None]) + bias
-                else:
-                    key = numerator  # orders like numerator / row_sum
-            else:
-                key = _elementwise_score(x_raw.to(tl.float32), SCORING, PRECISE_MATH)
-                if HAS_BIAS:
-                    key = key + bias
-            key = tl.where(is_expert, key, float("-inf"))
-
-            # ---- grouped routing: keep the TOPK_GROUP best groups (lower group on ties)
-            if NUM_GROUPS > 1:
-                top1 = tl.max(key, axis=2)
-                if HAS_BIAS:
-                    is_top1 = key == top1[:, :, None]
-                    num_top1 = tl.sum(is_top1.to(tl.int32), axis=2)
-                    runner_up = tl.max(tl.where(is_top1, float("-inf"), key), axis=2)
-                    group_score = top1 + tl.where(num_top1 > 1, top1, runner_up)
-                else:
-                    group_score = top1
-                group2 = tl.arange(0, GROUPS_PAD)[None, :]
-                is_open = tl.broadcast_to(group2 < NUM_GROUPS, [BLOCK_T, GROUPS_PAD])
-                kept = tl.zeros([BLOCK_T, GROUPS_PAD], dtype=tl.int32)
-                for _ in tl.static_range(TOPK_GROUP):
-                    best = tl.max(tl.where(is_open, group_score, float("-inf")), axis=1)
-                    pick = tl.min(
-                        tl.where(is_open & (group_score == best[:, None]), group2, GROUPS_PAD),
-                        axis=1,
+                # Re-read (cache hits) rather than keep the logits live in registers.
+                exact_x = _to_float32(
+                    _load_lanes(
+                        logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
+                        LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
                     )
-                    kept = tl.where(group2 == pick[:, None], 1, kept)
-                    is_open = is_open & (group2 != pick[:, None])
-                key = tl.where(kept[:, :, None] != 0, key, float("-inf"))
-
-            chosen = _top_k_exact(key, position, slot, TOP_K, NO_POSITION, BLOCK_T)
+                )  # fmt: skip
+                exact_numerators, _, exact_sum = _row_softmax_stats(exact_x, valid, PRECISE_MATH)
+                exact_keys = _selection_keys(
+                    exact_x, exact_numerators, exact_sum, valid, experts, bias, MEMBERS_PER_LANE,
+                    NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, True, PRECISE_MATH,
+                )  # fmt: skip
+                _take_top_k_small(exact_keys, pick_ptrs, is_token, TOP_K, _NO_KEY64)
+        else:
+            x = _to_float32(x_raw)
+            numerators = x
+            row_sum = token
+            if SCORING == 0:
+                numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
+            keys = _selection_keys(
+                x, numerators, row_sum, valid, experts, bias, MEMBERS_PER_LANE,
+                NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, False, PRECISE_MATH,
+            )  # fmt: skip
+            _take_top_k(keys, pick_ptrs, is_token, TOP_K, HEADS, SORT_WIDTH, _NO_KEY64)
 
         out_mask = is_token[:, None] & is_slot
-        pick_ptrs = picks_ptr + token2 * stride_weights_t + slot
-        tl.store(pick_ptrs, chosen, mask=out_mask)
         tl.debug_barrier()
-        chosen = tl.load(pick_ptrs, mask=out_mask, other=0)
+        logical = tl.load(pick_ptrs[:, None] + slot, mask=out_mask, other=0)
         tl.debug_barrier()  # every pick is read before the weights overwrite them
-        logical = (chosen // GROUP_PAD) * GROUP_SIZE + chosen % GROUP_PAD
-        # A row of NaNs matches no maximum; it must still name a real expert.
-        logical = tl.minimum(logical, E_ROUTED - 1)
+        # A row of NaNs keeps no key; it must still name a real expert.
+        logical = tl.minimum(tl.maximum(logical, 0), E_ROUTED - 1)
 
         # ---- weights: the unbiased scores at the chosen ids, from the logits re-read
         x_chosen = tl.load(
@@ -395,13 +695,15 @@ def _route_kernel(
 # ---------------------------------------------------------------- launch
 @dataclass(frozen=True)
 class RouteKernelConfig:
-    """Launch shape: tokens per tile, warps, and (EPLB only) programs per SM."""
+    """Launch shape: tokens per tile, warps, experts per lane, and (EPLB only) programs per SM."""
 
     block_tokens: int
     num_warps: int
     programs_per_sm: int = 4
     packed_top_k: bool = True
     """Allow the packed-key top-k for 16-bit softmax logits (exact fallback per tile)."""
+    lane_experts: int = 32
+    """Experts each thread holds of a row (fewer if a group is narrower than a warp)."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -414,13 +716,24 @@ def set_config_override(config: RouteKernelConfig | None) -> None:
 
 
 def default_config(row_width: int, packed_top_k: bool = True) -> RouteKernelConfig:
-    """Tokens per tile from the padded row width: 4096 tile cells with the packed
-    top-k, 2048 with the float32 one (more live registers per cell). Chosen from
-    the sm_90 instruction counts and register use per token of offline
-    compiles; ``--sweep`` in bench/routing_kernel.py measures alternatives."""
-    cells = 4096 if packed_top_k else 2048
-    block_tokens = max(1, min(128, cells // row_width))
-    return RouteKernelConfig(block_tokens=block_tokens, num_warps=4 if row_width <= 256 else 8)
+    """Two rows per thread with 32 experts per lane (16 with the int64 keys, which
+    take twice the registers). ``--sweep`` in bench/routing_kernel.py measures
+    alternatives."""
+    lane_experts = 32 if packed_top_k else 16
+    lanes = max(1, row_width // lane_experts)
+    num_warps = 4
+    block_tokens = max(1, min(256, 2 * 32 * num_warps // min(lanes, 32)))
+    return RouteKernelConfig(
+        block_tokens=block_tokens, num_warps=num_warps, lane_experts=lane_experts
+    )
+
+
+def lane_layout(num_groups: int, group_size: int, lane_experts: int) -> tuple[int, int]:
+    """``(LANES, MEMBERS_PER_LANE)``: threads per row and members of each group per thread."""
+    group_pad = triton.next_power_of_2(group_size)
+    row = triton.next_power_of_2(num_groups) * group_pad
+    lanes = max(1, min(group_pad, 32, row // lane_experts))
+    return lanes, group_pad // lanes
 
 
 @functools.cache
@@ -456,14 +769,16 @@ def launch_route_kernel(
     num_routed = int(router_logits.shape[1]) - num_fused_shared_experts
     groups = num_expert_group if num_expert_group > 1 else 1
     group_size = num_routed // groups
-    groups_pad, group_pad = triton.next_power_of_2(groups), triton.next_power_of_2(group_size)
+    row_width = triton.next_power_of_2(groups) * triton.next_power_of_2(group_size)
     packed_top_k = (
         scoring_func == "softmax"
         and e_score_correction_bias is None
         and groups == 1
         and router_logits.dtype in (torch.bfloat16, torch.float16)
     )
-    config = config or _config_override or default_config(groups_pad * group_pad, packed_top_k)
+    config = config or _config_override or default_config(row_width, packed_top_k)
+    lanes, members_per_lane = lane_layout(groups, group_size, config.lane_experts)
+    lane_keys = groups * members_per_lane
 
     dummy = router_logits  # stands in for absent pointers; never read under its flag
     bias = e_score_correction_bias
@@ -517,11 +832,13 @@ def launch_route_kernel(
         E_ROUTED=num_routed,
         NUM_GROUPS=groups,
         GROUP_SIZE=group_size,
-        GROUPS_PAD=groups_pad,
-        GROUP_PAD=group_pad,
+        LANES=lanes,
+        MEMBERS_PER_LANE=members_per_lane,
         TOPK_GROUP=topk_group if groups > 1 else 1,
         TOP_K=top_k,
         TOP_K_PAD=triton.next_power_of_2(top_k),
+        HEADS=triton.next_power_of_2(min(lane_keys, top_k)),
+        SORT_WIDTH=triton.next_power_of_2(lane_keys),
         N_SHARED=num_fused_shared_experts,
         N_SHARED_PAD=triton.next_power_of_2(max(num_fused_shared_experts, 1)),
         SCORING=SCORING_CODES[scoring_func],

@@ -93,6 +93,34 @@ def _cases():
             num_experts=24, top_k=3, num_tokens=5, via_op=True, eplb=True, indices="int64"
         ),
     }
+    # Other lane layouts (threads per row, experts per thread) than the default:
+    # one lane per row, one member of each group per lane, lanes holding fewer
+    # keys than top_k (they run dry), groups split over many lanes.
+    for lane_experts in (1, 2, 8, 256):
+        cases[f"lanes{lane_experts}_softmax_E16_k8_ties"] = dict(
+            num_experts=16, top_k=8, num_tokens=5, ties=True, lane_experts=lane_experts
+        )
+        cases[f"lanes{lane_experts}_grouped_sigmoid_bias_E256_g8_k8"] = dict(
+            num_experts=256,
+            top_k=8,
+            num_tokens=3,
+            scoring="sigmoid",
+            bias=True,
+            groups=8,
+            topk_group=4,
+            ties=True,
+            lane_experts=lane_experts,
+        )
+        cases[f"lanes{lane_experts}_grouped_softmax_E96_g6_k10_fp32"] = dict(
+            num_experts=96,
+            top_k=10,
+            num_tokens=4,
+            groups=6,
+            topk_group=3,
+            dtype="float32",
+            lane_experts=lane_experts,
+            eplb=True,
+        )
     for policy in ("token_hash", "modulo"):
         for load_dtype in ("int32", "int64", "float32"):
             cases[f"eplb_{policy}_{load_dtype}_many_tiles"] = dict(
@@ -158,6 +186,7 @@ def _run_case(
     indices="int32",
     via_op=False,
     special=None,
+    lane_experts=None,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -227,6 +256,12 @@ def _run_case(
     if small_tiles:
         _routing_kernels.set_config_override(
             _routing_kernels.RouteKernelConfig(block_tokens=4, num_warps=1, programs_per_sm=1)
+        )
+    if lane_experts is not None:
+        _routing_kernels.set_config_override(
+            _routing_kernels.RouteKernelConfig(
+                block_tokens=2, num_warps=1, programs_per_sm=1, lane_experts=lane_experts
+            )
         )
     launches = []
     real_launch = _routing_kernels.launch_route_kernel
