@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
-from torch._inductor.pattern_matcher import PatternMatcherPass
+from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topological_sort
 
 import moe_compile.custom_ops  # noqa: F401  (registers the ops the patterns emit)
 from moe_compile.eplb.mapping import REPLICA_POLICIES, map_to_physical
@@ -230,4 +230,9 @@ def fold_remap_into_routing(graph: torch.fx.Graph) -> int:
             if not node.users:
                 graph.erase_node(node)
         folded += 1
+    if folded:
+        # The fused op sits where the remap was; a use of the weights between
+        # the route and the remap (the multiply by a scale that is a graph
+        # input) now comes before it, so restore a valid order.
+        stable_topological_sort(graph)
     return folded

@@ -9,7 +9,9 @@ is re-checked by re-tracing with the real shapes and values.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,13 +36,6 @@ from .tracing import register_pattern
 _EXAMPLE = dict(num_tokens=17, num_experts=33, top_k=13, num_expert_group=11, topk_group=7)
 _EXAMPLE_SCALE = 2.718
 _EXAMPLE_SHARED = 9
-_SCALARS = (
-    "top_k",
-    "routed_scaling_factor",
-    "num_expert_group",
-    "topk_group",
-    "num_fused_shared_experts",
-)
 
 
 @dataclass(frozen=True)
@@ -53,6 +48,7 @@ class RoutingVariant:
     logits_dtype: torch.dtype = torch.float32
     bias_dtype: torch.dtype | None = None
     topk_dim: int = -1  # model code writes torch.topk(..., dim=1) or dim=-1
+    scale_input: bool = False  # routed_scaling_factor made a graph input by Dynamo
 
     @property
     def name(self) -> str:
@@ -60,6 +56,8 @@ class RoutingVariant:
         parts.append(str(self.logits_dtype).removeprefix("torch."))
         if self.bias_dtype is not None:
             parts.append("bias_" + str(self.bias_dtype).removeprefix("torch."))
+        if self.scale_input:
+            parts.append("scale_input")
         return "_".join(parts) + f"_dim{self.topk_dim}"
 
 
@@ -78,14 +76,51 @@ def _route(router_logits, bias, top_k, variant, scale=1.0, groups=0, topk_group=
     )
 
 
-def _scalars_are_constants(match) -> bool:
-    """The op takes Python scalars. Dynamo makes a float attribute that changed
-    between compiles a graph input; such a graph is left as it is."""
-    return not any(isinstance(v, torch.fx.Node) for k, v in match.kwargs.items() if k in _SCALARS)
+def _scalars_are_constants(scalars: frozenset[str], match) -> bool:
+    """The op takes Python scalars, and the Triton kernel and the inductor
+    lowering need the integer ones as constants. An int router option that
+    Dynamo made a graph input (a ``SymInt``: after a recompile, for a changed
+    ``top_k`` of a router that is not reached through an ``nn.Module``) leaves
+    the graph as it is; ``dynamic=False`` keeps such options constant."""
+    return not any(isinstance(v, torch.fx.Node) for k, v in match.kwargs.items() if k in scalars)
+
+
+def _scale_as_graph_input(search, replace, example_inputs, scalars):
+    """The same routing where Dynamo turned ``routed_scaling_factor`` into a
+    graph input (it does so for a float attribute that changed between
+    compiles): a 0-d float64 tensor the graph casts to float32 and multiplies
+    by. The op routes with scale 1.0 (an exact no-op) and the graph's own
+    multiply stays after it, so the result is the unfused graph's."""
+    names = list(inspect.signature(search).parameters)
+    at = names.index("routed_scaling_factor")
+
+    @functools.wraps(search)
+    def search_with_scale_input(*args):
+        args = list(args)
+        args[at] = args[at].to(torch.float32)
+        return search(*args)
+
+    @functools.wraps(replace)
+    def replace_with_scale_input(*args):
+        args = list(args)
+        scale, args[at] = args[at], 1.0
+        weights, ids = replace(*args)
+        return weights * scale.to(torch.float32), ids
+
+    scalars = {k: v for k, v in scalars.items() if k != "routed_scaling_factor"}
+    inputs = list(example_inputs)
+    inputs.insert(
+        sum(name not in scalars for name in names[:at]),
+        torch.tensor(_EXAMPLE_SCALE, dtype=torch.float64),
+    )
+    return search_with_scale_input, replace_with_scale_input, inputs, scalars
 
 
 def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, list, dict]:
     """The search function, its replacement, example inputs and scalar arguments."""
+    if variant.scale_input:
+        static = dataclasses.replace(variant, scale_input=False)
+        return _scale_as_graph_input(*_search_and_replace(static))
     n, e = _EXAMPLE["num_tokens"], _EXAMPLE["num_experts"]
     logits = torch.empty(n, e, dtype=variant.logits_dtype)
     bias = torch.empty(e, dtype=variant.bias_dtype) if variant.bias_dtype else None
@@ -254,12 +289,14 @@ def routing_variants() -> Iterator[RoutingVariant]:
     bias_dtypes = (torch.bfloat16, torch.float32)
     for scoring, renorm, logits in itertools.product(SCORING_FUNCS, (True, False), logits_dtypes):
         yield RoutingVariant("topk", scoring, renorm, logits)
-        for grouped in ("grouped", "grouped_all_groups"):
-            yield RoutingVariant(grouped, scoring, renorm, logits)
-        for bias in bias_dtypes:
-            yield RoutingVariant("topk_bias", scoring, renorm, logits, bias)
+        for scale_input in (False, True):
             for grouped in ("grouped", "grouped_all_groups"):
-                yield RoutingVariant(grouped, scoring, renorm, logits, bias)
+                yield RoutingVariant(grouped, scoring, renorm, logits, scale_input=scale_input)
+            for bias in bias_dtypes:
+                for family in ("topk_bias", "grouped", "grouped_all_groups"):
+                    yield RoutingVariant(
+                        family, scoring, renorm, logits, bias, scale_input=scale_input
+                    )
     for renorm, logits in itertools.product((True, False), logits_dtypes):
         yield RoutingVariant("shared_routed", "softmax", renorm, logits)
     for logits, dim in itertools.product(logits_dtypes, (-1, 1)):
@@ -289,25 +326,41 @@ _SCORING_NEEDS = {
 }
 
 
+def _group(variant: RoutingVariant) -> tuple[str, str, bool]:
+    return variant.family, variant.scoring_func, variant.scale_input
+
+
+def _has_float_scalar_input(graph: torch.fx.Graph) -> bool:
+    """Whether the graph takes a 0-d float64 tensor: how Dynamo passes a float
+    option that changed between compiles. Only then can a scale be an input."""
+    for node in graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.float64:
+            return True
+    return False
+
+
 class _LazyRoutingPatterns:
     """One pattern pass, filled group by group (a family with one scoring
     function, all its dtype variants in priority order) as graphs need them."""
 
     def __init__(self):
         self.patterns = PatternMatcherPass(pass_name="moe_compile_routing")
-        self.registered: set[tuple[str, str]] = set()
+        self.registered: set[tuple[str, str, bool]] = set()
 
     def for_graph(self, graph: torch.fx.Graph) -> PatternMatcherPass:
         targets = {node.target for node in graph.nodes if node.op == "call_function"}
+        scale_input = _has_float_scalar_input(graph)
         for variant in routing_variants():
-            group = (variant.family, variant.scoring_func)
+            group = _group(variant)
             if group in self.registered or not (
                 _FAMILY_NEEDS[variant.family] in targets
                 and _SCORING_NEEDS[variant.scoring_func] in targets
+                and (scale_input or not variant.scale_input)
             ):
                 continue
             for member in routing_variants():
-                if (member.family, member.scoring_func) == group:
+                if _group(member) == group:
                     self._register(member)
             self.registered.add(group)
         return self.patterns
@@ -319,7 +372,7 @@ class _LazyRoutingPatterns:
             replace,
             example_inputs,
             self.patterns,
-            extra_check=_scalars_are_constants,
+            extra_check=functools.partial(_scalars_are_constants, frozenset(scalars)),
             scalar_workaround=scalars,
             pattern_name=variant.name,
             skip_duplicates=True,

@@ -1,5 +1,6 @@
 """The pass fuses every router (x EPLB) into one op and never changes results."""
 
+import functools
 import itertools
 
 import pytest
@@ -310,3 +311,85 @@ def test_zero_expert_router_eplb_fuses_routing_and_keeps_the_remap_separate():
     assert graph.ops_after["moe_compile.route"] == 1
     assert graph.ops_after["moe_compile.eplb_remap"] == 1
     assert graph.ops_after.get("aten.sort", 0) == 0
+
+
+class _Gate(torch.nn.Module):
+    """A router held by a module, so routers of one class share its forward's code."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.router = router
+
+    def forward(self, hidden_states, router_logits):
+        return self.router.select_experts(hidden_states, router_logits)
+
+
+def _grouped_bias_router(scale, state, top_k=TOP_K):
+    return mc.create_fused_moe_router(
+        top_k=top_k,
+        global_num_experts=NUM_EXPERTS + 4,
+        eplb_state=state,
+        scoring_func="sigmoid",
+        use_grouped_topk=True,
+        num_expert_group=4,
+        topk_group=2,
+        e_score_correction_bias=BIAS,
+        routed_scaling_factor=scale,
+    )
+
+
+def _compare_to_eager(fn, router, state, logits):
+    hidden = torch.randn(logits.shape[0], 4)
+    results = []
+    for call in (router.select_experts, fn):
+        state.expert_load_view.zero_()
+        weights, ids = call(hidden, logits)
+        results.append((weights, ids, state.expert_load_view.clone()))
+    assert_same(*results)
+
+
+@pytest.mark.parametrize("strategy", ["kernel", "inductor"])
+def test_scaling_factor_made_a_graph_input_still_fuses(strategy):
+    """A changed routed_scaling_factor recompiles with the factor as a graph input
+    (Dynamo does that to a float that changed); the op routes with scale 1.0 and
+    the graph's own multiply by the input stays after it."""
+    backend = PassTestBackend(MoEFusionPass(FusionConfig(strategy=strategy)))
+    logits = tied_logits(NUM_TOKENS, NUM_EXPERTS, torch.bfloat16)
+    for scale in (2.5, 1.5, 0.75):
+        state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+        router = _grouped_bias_router(scale, state)
+        compiled = torch.compile(_Gate(router), backend=backend, fullgraph=True)
+        _compare_to_eager(compiled, router, state, logits)
+    static, scale_input = backend.graphs  # the third scale reuses the second graph
+    assert "f64[]" in scale_input.before
+    for graph in (static, scale_input):
+        assert graph.applied["routing"] == 1 and graph.applied["route_eplb"] == 1
+        assert graph.ops_after.get("aten.sort", 0) == 0
+    if strategy == "kernel":
+        assert "routed_scaling_factor=2.5" in static.after
+        assert "routed_scaling_factor=1.0" in scale_input.after
+        assert scale_input.ops_after["aten.mul"] == 1
+        assert scale_input.ops_after["auto_functionalized(moe_compile.route_eplb)"] == 1
+
+
+def test_top_k_made_a_graph_input_is_left_unfused_and_correct():
+    """Routers passed to one compiled function are not module attributes, so a
+    changed top_k becomes a SymInt graph input on the recompile: the op and its
+    kernels need it constant, so that graph stays as traced (and correct).
+    ``dynamic=False`` keeps router options constant: every graph fuses."""
+
+    def route(router, hidden_states, router_logits):
+        return router.select_experts(hidden_states, router_logits)
+
+    logits = tied_logits(NUM_TOKENS, NUM_EXPERTS)
+    for dynamic, fused in ((None, [1, 0]), (False, [1, 1])):
+        torch._dynamo.reset()
+        backend = PassTestBackend()
+        compiled = torch.compile(route, backend=backend, fullgraph=True, dynamic=dynamic)
+        for top_k in (3, 4):
+            state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+            router = _grouped_bias_router(2.5, state, top_k=top_k)
+            _compare_to_eager(functools.partial(compiled, router), router, state, logits)
+        assert [graph.applied["routing"] for graph in backend.graphs] == fused
+        if dynamic is None:
+            assert "SymInt" in backend.graphs[1].after

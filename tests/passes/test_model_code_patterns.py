@@ -52,3 +52,39 @@ def test_model_code_routing_is_fused(gate, dtype):
     assert graph.applied["routing"] == 1, graph.after
     assert graph.ops_after["moe_compile.route"] == 1
     assert "aten.topk" not in graph.after
+
+
+def deepseek_hf_gate(hidden_states, router_logits, bias, n_group=4, topk_group=2, scale=2.5):
+    """DeepSeek-V3's Hugging Face gate ("noaux_tc"): groups masked with 0.0, unsorted top-k."""
+    num_tokens = router_logits.shape[0]
+    scores = router_logits.float().sigmoid()
+    choice = scores + bias.unsqueeze(0)
+    group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    group_size = router_logits.shape[1] // n_group
+    score_mask = group_mask.unsqueeze(-1).expand(num_tokens, n_group, group_size)
+    score_mask = score_mask.reshape(num_tokens, -1)
+    masked = choice.masked_fill(~score_mask.bool(), 0.0)
+    topk_idx = torch.topk(masked, k=TOP_K, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, topk_idx)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, topk_idx
+
+
+def test_deepseek_hf_gate_is_left_unfused_and_correct():
+    """Not the op's routing, so never replaced: a kept expert whose biased score
+    is below 0.0 loses to a masked one (the op masks with -inf), the unsorted
+    top-k's order and ties are the implementation's, and 1e-20 joins the sum."""
+    logits = torch.stack([torch.randperm(NUM_EXPERTS) for _ in range(11)]).div(4).sub(1)
+    bias = torch.linspace(-0.5, 0.1, NUM_EXPERTS)
+    hidden = torch.randn(11, 16)
+    backend = PassTestBackend()
+    compiled = torch.compile(deepseek_hf_gate, backend=backend, fullgraph=True)
+    weights, ids = compiled(hidden, logits, bias)
+    ref_weights, ref_ids = deepseek_hf_gate(hidden, logits, bias)
+    torch.testing.assert_close(ids, ref_ids, rtol=0, atol=0)
+    torch.testing.assert_close(weights, ref_weights)
+    graph = backend.graphs[0]
+    assert sum(graph.applied.values()) == 0
+    assert graph.before == graph.after
