@@ -570,32 +570,47 @@ def run_timings(args, device, bandwidth, deadline, out_path, report) -> list[Tim
 
 
 def run_sweep(device, bandwidth, report) -> list[dict]:
-    """Kernel launch shapes for E=256, k=8, EPLB on: the knobs ``RouteKernelConfig`` exposes."""
+    """Kernel launch shapes (the knobs ``RouteKernelConfig`` exposes), EPLB on, for
+    E=256 k=8 (int32 packed keys) and the grouped sigmoid+bias case (int64 keys)."""
     rows = []
-    case = CASES[2]
     l2 = l2_bytes(device)
-    configs = [
-        _routing_kernels.RouteKernelConfig(bt, warps, pps, packed)
-        for bt, warps in ((8, 4), (16, 4), (32, 4), (16, 8), (32, 8))
-        for pps in (2, 4, 8)
-        for packed in (True, False)
-    ]
-    for num_tokens in (1, 16384, 65536) if device.type == "cuda" else (1, 33):
-        rotations = max(1, min(100, math.ceil(2 * l2 / (num_tokens * 256 * 2))))
-        problem = make_problem(case, num_tokens, True, device, rotations)
-        floor_s = problem.bytes_moved() / bandwidth
-        for config in configs if device.type == "cuda" else configs[:2]:
-            _routing_kernels.set_config_override(config)
-            try:
-                seconds = time_per_call(build_kernel(problem.setup), problem.logits)
-                row = asdict(config) | {"num_tokens": num_tokens, "us_per_call": seconds * 1e6,
-                                        "pct_of_floor": 100 * floor_s / seconds}  # fmt: skip
-            except Exception as error:  # noqa: BLE001
-                row = asdict(config) | {"num_tokens": num_tokens, "error": _short(error)}
-            finally:
-                _routing_kernels.set_config_override(None)
-            rows.append(row)
-            print("sweep", row, flush=True)
+    grids = {
+        "E256_k8": [
+            _routing_kernels.RouteKernelConfig(bt, warps, pps, lane_experts=lane_experts)
+            for lane_experts in (16, 32)
+            for bt, warps in ((16, 4), (32, 4), (64, 8))
+            for pps in (1, 2, 4, 8)
+        ],
+        "E256_k8_grouped_sigmoid_bias": [
+            _routing_kernels.RouteKernelConfig(bt, 4, pps, lane_experts=lane_experts)
+            for lane_experts in (8, 16, 32)
+            for bt in (16, 32)
+            for pps in (2, 4)
+        ],
+    }
+    for case in CASES:
+        if case.name not in grids:
+            continue
+        configs = grids[case.name]
+        for num_tokens in (1, 16384, 65536) if device.type == "cuda" else (1, 33):
+            rotations = max(1, min(100, math.ceil(2 * l2 / (num_tokens * 256 * 2))))
+            problem = make_problem(case, num_tokens, True, device, rotations)
+            floor_s = problem.bytes_moved() / bandwidth
+            for config in configs if device.type == "cuda" else configs[:2]:
+                _routing_kernels.set_config_override(config)
+                try:
+                    seconds = time_per_call(build_kernel(problem.setup), problem.logits)
+                    row = asdict(config) | {"case": case.name, "num_tokens": num_tokens,
+                                            "us_per_call": seconds * 1e6,
+                                            "pct_of_floor": 100 * floor_s / seconds}  # fmt: skip
+                except Exception as error:  # noqa: BLE001
+                    row = asdict(config) | {
+                        "case": case.name, "num_tokens": num_tokens, "error": _short(error)
+                    }  # fmt: skip
+                finally:
+                    _routing_kernels.set_config_override(None)
+                rows.append(row)
+                print("sweep", row, flush=True)
     report["sweep"] = rows
     return rows
 

@@ -508,6 +508,7 @@ def _route_kernel(
     TOKEN_HASH: tl.constexpr,
     HAS_UNPADDED: tl.constexpr,
     LOAD_BINS: tl.constexpr,
+    HISTOGRAM_TILES: tl.constexpr,
     BLOCK_T: tl.constexpr,
     PACKED_TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
@@ -548,6 +549,12 @@ def _route_kernel(
         if HAS_UNPADDED:
             counted_slots = tl.load(unpadded_ptr).to(tl.int64) * TOP_K
         load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
+        # tl.histogram has a large cost per call (per-warp histograms combined
+        # through shared memory), so bins of HISTOGRAM_TILES tiles are pooled.
+        pending_row = tl.arange(0, HISTOGRAM_TILES)[:, None]
+        no_bins = tl.zeros([HISTOGRAM_TILES, BLOCK_T * TOP_K_PAD], tl.int32) + num_physical
+        pending = no_bins
+        num_pending = 0
 
     for tile in range(pid, num_tiles, num_programs):
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -631,16 +638,20 @@ def _route_kernel(
 
         # ---- EPLB: logical -> physical, and the per-program load histogram
         if HAS_EPLB:
+            # 32-bit replica arithmetic: 64-bit division is a long subroutine.
             replicas = tl.load(
                 replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
-            ).to(tl.int64)
+            ).to(tl.int32)
             replicas = tl.minimum(tl.maximum(replicas, 1), max_replicas)
             flat_slot = token2 * TOP_K + slot
             if TOKEN_HASH:
-                hashed = (token2 * 2654435769) & 0xFFFFFFFF
-                replica = hashed % replicas
+                # (token * 2654435769) mod 2**32, as an unsigned 32-bit product wraps.
+                hashed = token2.to(tl.uint32) * 2654435769
+                replica = (hashed % replicas.to(tl.uint32)).to(tl.int32)
+            elif (tile + 1) * BLOCK_T * TOP_K <= 2147483647:
+                replica = flat_slot.to(tl.int32) % replicas
             else:
-                replica = flat_slot % replicas
+                replica = (flat_slot % replicas).to(tl.int32)
             physical = tl.load(
                 l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
                 mask=out_mask,
@@ -651,7 +662,16 @@ def _route_kernel(
                 counted = counted & (flat_slot < counted_slots)
             # Slots not counted go to the spare bin `num_physical` (< LOAD_BINS).
             bins = tl.where(counted, physical, num_physical).to(tl.int32)
-            load_counts += tl.histogram(tl.reshape(bins, [BLOCK_T * TOP_K_PAD]), LOAD_BINS)
+            pending = tl.where(
+                pending_row == num_pending, tl.reshape(bins, [1, BLOCK_T * TOP_K_PAD]), pending
+            )
+            num_pending += 1
+            if num_pending == HISTOGRAM_TILES:
+                load_counts += tl.histogram(
+                    tl.reshape(pending, [HISTOGRAM_TILES * BLOCK_T * TOP_K_PAD]), LOAD_BINS
+                )
+                pending = no_bins
+                num_pending = 0
             out_ids = physical
         else:
             out_ids = logical
@@ -683,6 +703,10 @@ def _route_kernel(
             )
 
     if HAS_EPLB:
+        if num_pending > 0:
+            load_counts += tl.histogram(
+                tl.reshape(pending, [HISTOGRAM_TILES * BLOCK_T * TOP_K_PAD]), LOAD_BINS
+            )
         bin_ids = tl.arange(0, LOAD_BINS)
         tl.atomic_add(
             load_ptr + bin_ids * stride_load,
@@ -704,6 +728,8 @@ class RouteKernelConfig:
     """Allow the packed-key top-k for 16-bit softmax logits (exact fallback per tile)."""
     lane_experts: int = 32
     """Experts each thread holds of a row (fewer if a group is narrower than a warp)."""
+    histogram_tiles: int = 4
+    """Tiles whose load bins are counted together (EPLB; a power of two)."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -848,6 +874,7 @@ def launch_route_kernel(
         TOKEN_HASH=policy == "token_hash",
         HAS_UNPADDED=unpadded is not None,
         LOAD_BINS=load_bins,
+        HISTOGRAM_TILES=config.histogram_tiles,
         BLOCK_T=config.block_tokens,
         PACKED_TOP_K=packed_top_k and config.packed_top_k,
         PRECISE_MATH=not _INTERPRETING,
