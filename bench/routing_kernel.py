@@ -729,11 +729,12 @@ def main(argv=None) -> int:
         "args": {k: str(v) for k, v in vars(args).items()},
         "method": "median CUDA-graph replay of N back-to-back calls / N; inputs rotated past 2x L2",
         "kernel_default_configs": {
-            f"{width}{'' if packed else '_float32_top_k'}": asdict(
-                _routing_kernels.default_config(width, packed)
+            f"{width}{'' if packed else '_int64_keys'}{'_eplb' if eplb else ''}": asdict(
+                _routing_kernels.default_config(width, packed, eplb)
             )
             for width in (8, 128, 256)
             for packed in (True, False)
+            for eplb in (False, True)
         },
     }
     print(f"device: {device_name}  torch {torch.__version__}  triton {triton.__version__}")

@@ -508,7 +508,6 @@ def _route_kernel(
     TOKEN_HASH: tl.constexpr,
     HAS_UNPADDED: tl.constexpr,
     LOAD_BINS: tl.constexpr,
-    HISTOGRAM_TILES: tl.constexpr,
     BLOCK_T: tl.constexpr,
     PACKED_TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
@@ -549,12 +548,6 @@ def _route_kernel(
         if HAS_UNPADDED:
             counted_slots = tl.load(unpadded_ptr).to(tl.int64) * TOP_K
         load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
-        # tl.histogram has a large cost per call (per-warp histograms combined
-        # through shared memory), so bins of HISTOGRAM_TILES tiles are pooled.
-        pending_row = tl.arange(0, HISTOGRAM_TILES)[:, None]
-        no_bins = tl.zeros([HISTOGRAM_TILES, BLOCK_T * TOP_K_PAD], tl.int32) + num_physical
-        pending = no_bins
-        num_pending = 0
 
     for tile in range(pid, num_tiles, num_programs):
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -662,16 +655,7 @@ def _route_kernel(
                 counted = counted & (flat_slot < counted_slots)
             # Slots not counted go to the spare bin `num_physical` (< LOAD_BINS).
             bins = tl.where(counted, physical, num_physical).to(tl.int32)
-            pending = tl.where(
-                pending_row == num_pending, tl.reshape(bins, [1, BLOCK_T * TOP_K_PAD]), pending
-            )
-            num_pending += 1
-            if num_pending == HISTOGRAM_TILES:
-                load_counts += tl.histogram(
-                    tl.reshape(pending, [HISTOGRAM_TILES * BLOCK_T * TOP_K_PAD]), LOAD_BINS
-                )
-                pending = no_bins
-                num_pending = 0
+            load_counts += tl.histogram(tl.reshape(bins, [BLOCK_T * TOP_K_PAD]), LOAD_BINS)
             out_ids = physical
         else:
             out_ids = logical
@@ -703,10 +687,6 @@ def _route_kernel(
             )
 
     if HAS_EPLB:
-        if num_pending > 0:
-            load_counts += tl.histogram(
-                tl.reshape(pending, [HISTOGRAM_TILES * BLOCK_T * TOP_K_PAD]), LOAD_BINS
-            )
         bin_ids = tl.arange(0, LOAD_BINS)
         tl.atomic_add(
             load_ptr + bin_ids * stride_load,
@@ -723,13 +703,11 @@ class RouteKernelConfig:
 
     block_tokens: int
     num_warps: int
-    programs_per_sm: int = 4
+    programs_per_sm: int = 2
     packed_top_k: bool = True
     """Allow the packed-key top-k for 16-bit softmax logits (exact fallback per tile)."""
     lane_experts: int = 32
     """Experts each thread holds of a row (fewer if a group is narrower than a warp)."""
-    histogram_tiles: int = 4
-    """Tiles whose load bins are counted together (EPLB; a power of two)."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -741,16 +719,24 @@ def set_config_override(config: RouteKernelConfig | None) -> None:
     _config_override = config
 
 
-def default_config(row_width: int, packed_top_k: bool = True) -> RouteKernelConfig:
-    """Two rows per thread with 32 experts per lane (16 with the int64 keys, which
-    take twice the registers). ``--sweep`` in bench/routing_kernel.py measures
-    alternatives."""
-    lane_experts = 32 if packed_top_k else 16
-    lanes = max(1, row_width // lane_experts)
+def default_config(
+    row_width: int, packed_top_k: bool = True, eplb: bool = True
+) -> RouteKernelConfig:
+    """Launch shape from an H100 sweep (``--sweep`` in bench/routing_kernel.py).
+
+    int32 keys: 32 experts per lane, one row per thread without EPLB and two
+    with it (fewer programs, so fewer load atomics). int64 keys: 8 experts per
+    lane and eight rows per thread.
+    """
+    lane_experts, rows_per_thread = (32, 2 if eplb else 1) if packed_top_k else (8, 8)
+    lanes = max(1, min(32, row_width // lane_experts))
     num_warps = 4
-    block_tokens = max(1, min(256, 2 * 32 * num_warps // min(lanes, 32)))
+    block_tokens = min(256, rows_per_thread * 32 * num_warps // lanes)
     return RouteKernelConfig(
-        block_tokens=block_tokens, num_warps=num_warps, lane_experts=lane_experts
+        block_tokens=block_tokens,
+        num_warps=num_warps,
+        programs_per_sm=2,
+        lane_experts=lane_experts,
     )
 
 
@@ -802,7 +788,7 @@ def launch_route_kernel(
         and groups == 1
         and router_logits.dtype in (torch.bfloat16, torch.float16)
     )
-    config = config or _config_override or default_config(row_width, packed_top_k)
+    config = config or _config_override or default_config(row_width, packed_top_k, eplb is not None)
     lanes, members_per_lane = lane_layout(groups, group_size, config.lane_experts)
     lane_keys = groups * members_per_lane
 
@@ -874,7 +860,6 @@ def launch_route_kernel(
         TOKEN_HASH=policy == "token_hash",
         HAS_UNPADDED=unpadded is not None,
         LOAD_BINS=load_bins,
-        HISTOGRAM_TILES=config.histogram_tiles,
         BLOCK_T=config.block_tokens,
         PACKED_TOP_K=packed_top_k and config.packed_top_k,
         PRECISE_MATH=not _INTERPRETING,

@@ -255,9 +255,7 @@ def _run_case(
 
     if small_tiles:
         _routing_kernels.set_config_override(
-            _routing_kernels.RouteKernelConfig(
-                block_tokens=4, num_warps=1, programs_per_sm=1, histogram_tiles=2
-            )
+            _routing_kernels.RouteKernelConfig(block_tokens=4, num_warps=1, programs_per_sm=1)
         )
     if lane_experts is not None:
         _routing_kernels.set_config_override(
