@@ -11,7 +11,7 @@ fresh, empty ``TORCHINDUCTOR_CACHE_DIR`` and measures:
   C++/Triton compiles, then one run) with an empty cache; ``compile_s`` is that
   minus a steady-state call of the same batch;
 - pass: the time spent inside ``MoEFusionPass.__call__`` during the cold compile
-  (pattern tracing on first use included) and its share of ``compile_s``;
+  (pattern setup on first use included) and its share of ``compile_s``;
 - warm: the same after ``torch._dynamo.reset()`` in the same process, so the
   FX graph cache (same folder) is warm;
 - the serving trace: batch sizes 1, 2, 4, ... up to ``--max-batch`` (and a few
@@ -116,17 +116,19 @@ def _worker(spec: dict) -> dict:
     original_call = MoEFusionPass.__call__
 
     def timed_patterns(build):
-        def timed_build():
+        # routing_patterns takes the graph (it registers only the groups a graph
+        # can contain), eplb_patterns nothing.
+        def timed_build(*args):
             start = time.perf_counter()
             try:
-                return build()
+                return build(*args)
             finally:
                 pattern_seconds[0] += time.perf_counter() - start
 
         return timed_build
 
     # The pass imports these at call time, so wrapping the module attributes times
-    # the first-use pattern tracing (cached afterwards) inside the pass's time.
+    # the first-use pattern setup (cached afterwards) inside the pass's time.
     routing_passes.routing_patterns = timed_patterns(routing_passes.routing_patterns)
     eplb_passes.eplb_patterns = timed_patterns(eplb_passes.eplb_patterns)
 
@@ -354,7 +356,7 @@ def markdown(report: dict) -> str:
         "",
         "Seconds. cold = first call with an empty Inductor cache minus a steady call; warm = "
         "the same after `torch._dynamo.reset()` with the cache kept; pass = time inside "
-        "`MoEFusionPass` during the cold compile, in brackets the part spent tracing its "
+        "`MoEFusionPass` during the cold compile, in brackets the part spent setting up its "
         "patterns on first use (once per process); graphs = Dynamo graphs compiled "
         "(cold start / during the trace).",
         "",
@@ -390,7 +392,7 @@ def markdown(report: dict) -> str:
                 f"- {entry['layers']} layers, {entry['mode']}: time in the pass is "
                 f"{100 * entry['pass_share']:.1f}% of moe_compile's cold compile "
                 f"({100 * entry['pass_share_without_pattern_setup']:.1f}% without the one-time "
-                "pattern tracing)"
+                "pattern setup)"
                 + (
                     f"; moe_compile's cold compile is {100 * vs:+.1f}% vs torch.compile with "
                     "the same dynamic tokens and no pass (includes run-to-run noise and the "

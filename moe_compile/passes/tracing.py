@@ -11,6 +11,8 @@ from torch._inductor.fx_passes.joint_graph import constant_fold_uniform_value
 from torch._inductor.fx_passes.post_grad import remove_noop_ops, view_to_reshape
 from torch._inductor.pattern_matcher import fwd_only, register_replacement
 
+from . import pattern_store
+
 
 def trace_post_grad(fn, args, **kwargs) -> torch.fx.GraphModule:
     """Trace ``fn`` into the form of a post-grad graph: functional (in-place ops
@@ -57,8 +59,11 @@ _REPLACEMENT_PARAMETERS = frozenset(inspect.signature(register_replacement).para
 def register_pattern(search_fn, replace_fn, example_inputs, pass_dict, **options) -> None:
     """``register_replacement`` with our tracing, minus the keyword arguments the
     running torch does not know yet (``pattern_name`` and ``skip_duplicates``
-    are newer than torch 2.11)."""
-    supported = {k: v for k, v in options.items() if k in _REPLACEMENT_PARAMETERS}
-    register_replacement(
-        search_fn, replace_fn, example_inputs, trace_post_grad, pass_dict, **supported
+    are newer than torch 2.11). A named pattern's initial trace comes from the
+    stored graphs where they fit the running torch and source (``pattern_store``)."""
+    key = pattern_store.pattern_key(
+        options.get("pattern_name"), example_inputs, options.get("scalar_workaround")
     )
+    trace_fn = pattern_store.trace_fn_for(key, trace_post_grad)
+    supported = {k: v for k, v in options.items() if k in _REPLACEMENT_PARAMETERS}
+    register_replacement(search_fn, replace_fn, example_inputs, trace_fn, pass_dict, **supported)
