@@ -555,9 +555,9 @@ def _route_kernel(
         token2 = token.to(tl.int64)[:, None]
         pick_ptrs = picks_ptr + token.to(tl.int64) * stride_weights_t
         x_raw = _load_lanes(
- logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
- LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
- )  # fmt: skip
+            logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
+            LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
+        )  # fmt: skip
 
         # ---- selection
         if PACKED_TOP_K:
@@ -569,8 +569,7 @@ def _route_kernel(
             )
             suspect = _packed_suspect(last, first, logits_ptr.dtype.element_ty)
             if not CHOSEN_ONLY_WEIGHTS:
-                x = _to_float32(x_raw)
-                numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
+                _, row_max, row_sum = _row_softmax_stats(_to_float32(x_raw), valid, PRECISE_MATH)
             if tl.max((suspect & is_token).to(tl.int32), axis=0) > 0:
                 # Exact choice on the float32 scores, divided as eager divides them.
                 # Re-read (cache hits) rather than keep the logits live in registers.
@@ -588,8 +587,7 @@ def _route_kernel(
                 _take_top_k_small(exact_keys, pick_ptrs, is_token, TOP_K, _NO_KEY64)
         else:
             x = _to_float32(x_raw)
-            numerators = x
-            row_sum = token
+            numerators, row_sum = x, token  # read only for softmax
             if SCORING == 0:
                 numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
             keys = _selection_keys(
@@ -602,7 +600,7 @@ def _route_kernel(
         tl.debug_barrier()
         logical = tl.load(pick_ptrs[:, None] + slot, mask=out_mask, other=0)
         tl.debug_barrier()  # every pick is read before the weights overwrite them
-        # A row of NaNs keeps no key; it must still name a real expert.
+        # A pick of a cleared key (never with valid options) must still name a real expert.
         logical = tl.minimum(tl.maximum(logical, 0), E_ROUTED - 1)
 
         # ---- weights: the unbiased scores at the chosen ids, from the logits re-read
