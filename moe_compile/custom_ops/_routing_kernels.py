@@ -569,7 +569,8 @@ def _route_kernel(
             )
             suspect = _packed_suspect(last, first, logits_ptr.dtype.element_ty)
             if not CHOSEN_ONLY_WEIGHTS:
-                _, row_max, row_sum = _row_softmax_stats(_to_float32(x_raw), valid, PRECISE_MATH)
+                x = _to_float32(x_raw)
+                numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
             if tl.max((suspect & is_token).to(tl.int32), axis=0) > 0:
                 # Exact choice on the float32 scores, divided as eager divides them.
                 # Re-read (cache hits) rather than keep the logits live in registers.
@@ -579,7 +580,9 @@ def _route_kernel(
                         LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
                     )
                 )  # fmt: skip
-                exact_numerators, _, exact_sum = _row_softmax_stats(exact_x, valid, PRECISE_MATH)
+                exact_numerators, exact_max, exact_sum = _row_softmax_stats(
+                    exact_x, valid, PRECISE_MATH
+                )
                 exact_keys = _selection_keys(
                     exact_x, exact_numerators, exact_sum, valid, experts, bias, MEMBERS_PER_LANE,
                     NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, True, PRECISE_MATH,
