@@ -2,8 +2,8 @@
 
 Layout. A program routes ``BLOCK_T`` tokens per tile and loops over tiles. A
 token's row of experts is spread over ``LANES`` threads; each lane holds
-``CHUNK`` experts of the row as a tuple of ``CHUNK`` tensors ``[BLOCK_T,
-LANES]``. Entry ``j`` of lane ``l`` is expert ``g * GROUP_SIZE + m`` with group
+``CHUNK`` experts of the row as a tuple of ``SORT_WIDTH`` (``CHUNK`` rounded up
+to a power of two) tensors ``[BLOCK_T, LANES]``. Entry ``j`` of lane ``l`` is expert ``g * GROUP_SIZE + m`` with group
 ``g = j // MEMBERS_PER_LANE`` and member ``m = (j % MEMBERS_PER_LANE) * LANES +
 l``: a group's members are interleaved over the lanes, so loading one entry
 reads neighbouring experts (coalesced) and every lane holds members of every
@@ -21,7 +21,8 @@ on equal scores, the lower index (as eager ``topk`` does):
   float32 rounding makes distinct logits' scores equal, which needs logits
   within about 2e-5 of each other: only near zero, or where scores underflow.
   Tiles where a chosen logit is within 2**-7 (bf16) / 2**-4 (fp16) of zero, not
-  finite, or more than 80 below the first are redone with int64 keys.
+  finite, or more than 80 below the first are redone with int64 keys (by
+  ``TOP_K`` row maxima in a loop: little code for a rare path).
 
 Top-k. Each lane sorts its keys once: bitonic networks over blocks of
 ``HEADS = next_pow2(min(CHUNK, TOP_K))`` keys, then pairwise merges that keep
@@ -223,14 +224,11 @@ def _take_top_k(
     is_token,
     TOP_K: tl.constexpr,
     HEADS: tl.constexpr,
-    SORT_WIDTH: tl.constexpr,
     NO_KEY: tl.constexpr,
 ):
     """Store the experts of the ``TOP_K`` largest keys of each row at ``pick_ptrs + slot``;
-    return the last of those keys and the first (``[BLOCK_T]`` each). ``SORT_WIDTH``
-    is the lane's key count rounded up to a power of two."""
-    for _ in tl.static_range(len(keys), SORT_WIDTH):
-        keys = keys + (tl.full(keys[0].shape, NO_KEY, keys[0].dtype),)
+    return the last of those keys and the first (``[BLOCK_T]`` each). A lane holds a
+    power-of-two number of keys."""
     heads = _lane_heads(keys, HEADS)
     first = tl.max(heads[0], axis=1)
     best = first
@@ -564,9 +562,7 @@ def _route_kernel(
             keys = ()
             for j in tl.static_range(SORT_WIDTH):
                 keys = keys + (_packed_key(x_raw[j], experts[j], valid[j]),)
-            last, first = _take_top_k(
-                keys, pick_ptrs, is_token, TOP_K, HEADS, SORT_WIDTH, _NO_KEY32
-            )
+            last, first = _take_top_k(keys, pick_ptrs, is_token, TOP_K, HEADS, _NO_KEY32)
             suspect = _packed_suspect(last, first, logits_ptr.dtype.element_ty)
             if not CHOSEN_ONLY_WEIGHTS:
                 x = _to_float32(x_raw)
@@ -597,7 +593,7 @@ def _route_kernel(
                 x, numerators, row_sum, valid, experts, bias, MEMBERS_PER_LANE,
                 NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, False, PRECISE_MATH,
             )  # fmt: skip
-            _take_top_k(keys, pick_ptrs, is_token, TOP_K, HEADS, SORT_WIDTH, _NO_KEY64)
+            _take_top_k(keys, pick_ptrs, is_token, TOP_K, HEADS, _NO_KEY64)
 
         out_mask = is_token[:, None] & is_slot
         tl.debug_barrier()
