@@ -134,10 +134,17 @@ def _key_expert(key):
 
 # ---------------------------------------------------------------- per-lane sorting
 @triton.constexpr_function
-def _sorting_network(width, heads):
-    """Compare-exchanges ``(high, low)`` that sort each block of ``heads`` keys descending
-    (bitonic sort; blocks with bit ``s`` of the index set run ascending at stage ``s``)."""
-    pairs = []
+def _heads_network(width, heads):
+    """Steps ``(high, low, exchange)`` that leave the best ``heads`` of ``width`` keys
+    in ``keys[:heads]``, descending. A step sets ``keys[high] = max`` of the pair and,
+    if ``exchange``, ``keys[low] = min``.
+
+    First a bitonic sort of each block of ``heads`` keys (blocks with bit ``s`` of
+    the index set run ascending at stage ``s``). Then neighbouring sorted blocks
+    merge: the maxima of one descending and one ascending block are a bitonic
+    sequence holding the best ``heads`` of both, which one bitonic merge sorts.
+    """
+    steps = []
     for block in range(0, width, heads):
         size = 2
         while size <= heads:
@@ -147,32 +154,19 @@ def _sorting_network(width, heads):
                     j = i ^ stride
                     if j > i:
                         high, low = (i, j) if (i & size) == 0 else (j, i)
-                        pairs.append((block + high, block + low))
+                        steps.append((block + high, block + low, True))
                 stride //= 2
             size *= 2
-    return tuple(pairs)
-
-
-@triton.constexpr_function
-def _merge_network(width, heads):
-    """Steps that leave the best ``heads`` keys of sorted blocks in keys[:heads], sorted.
-
-    A step ``(a, b, True)`` sets ``keys[a] = max(keys[a], keys[b])``; ``(a, b, False)``
-    is a compare-exchange. Merging a block with its neighbour takes the maxima of
-    one descending and one ascending sequence, which are bitonic, then one
-    bitonic merge sorts them.
-    """
-    steps = []
     span = heads
     while span < width:
         for block in range(0, width, 2 * span):
             for i in range(heads):
-                steps.append((block + i, block + span + heads - 1 - i, True))
+                steps.append((block + i, block + span + heads - 1 - i, False))
             stride = heads // 2
             while stride > 0:
                 for i in range(heads):
                     if (i & stride) == 0:
-                        steps.append((block + i, block + i + stride, False))
+                        steps.append((block + i, block + i + stride, True))
                 stride //= 2
         span *= 2
     return tuple(steps)
@@ -182,31 +176,18 @@ def _merge_network(width, heads):
 def _lane_heads(keys, HEADS: tl.constexpr):
     """The best ``HEADS`` of a lane's keys (a power-of-two count), descending.
 
-    The networks are written out on the tuple here (no helper calls per
+    The network is written out on the tuple here (no helper calls per
     compare-exchange), which keeps compile time low.
     """
-    SORT: tl.constexpr = _sorting_network(len(keys), HEADS)
-    for p in tl.static_range(len(SORT)):
-        high = tl.maximum(keys[SORT[p][0]], keys[SORT[p][1]])
-        low = tl.minimum(keys[SORT[p][0]], keys[SORT[p][1]])
+    STEPS: tl.constexpr = _heads_network(len(keys), HEADS)
+    for p in tl.static_range(len(STEPS)):
+        high = tl.maximum(keys[STEPS[p][0]], keys[STEPS[p][1]])
+        low = tl.minimum(keys[STEPS[p][0]], keys[STEPS[p][1]])
         exchanged = ()
         for n in tl.static_range(len(keys)):
-            if n == SORT[p][0]:
+            if n == STEPS[p][0]:
                 exchanged = exchanged + (high,)
-            elif n == SORT[p][1]:
-                exchanged = exchanged + (low,)
-            else:
-                exchanged = exchanged + (keys[n],)
-        keys = exchanged
-    MERGE: tl.constexpr = _merge_network(len(keys), HEADS)
-    for p in tl.static_range(len(MERGE)):
-        high = tl.maximum(keys[MERGE[p][0]], keys[MERGE[p][1]])
-        low = tl.minimum(keys[MERGE[p][0]], keys[MERGE[p][1]])
-        exchanged = ()
-        for n in tl.static_range(len(keys)):
-            if n == MERGE[p][0]:
-                exchanged = exchanged + (high,)
-            elif n == MERGE[p][1] and not MERGE[p][2]:
+            elif n == STEPS[p][1] and STEPS[p][2]:
                 exchanged = exchanged + (low,)
             else:
                 exchanged = exchanged + (keys[n],)
@@ -730,10 +711,7 @@ def default_config(
     num_warps = 4
     block_tokens = min(256, rows_per_thread * 32 * num_warps // lanes)
     return RouteKernelConfig(
-        block_tokens=block_tokens,
-        num_warps=num_warps,
-        programs_per_sm=2,
-        lane_experts=lane_experts,
+        block_tokens=block_tokens, num_warps=num_warps, lane_experts=lane_experts
     )
 
 
