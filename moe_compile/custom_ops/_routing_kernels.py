@@ -619,7 +619,7 @@ def _route_kernel(
                 # (token * 2654435769) mod 2**32, as an unsigned 32-bit product wraps.
                 hashed = token2.to(tl.uint32) * 2654435769
                 replica = (hashed % replicas.to(tl.uint32)).to(tl.int32)
-            elif (tile + 1) * BLOCK_T * TOP_K <= 2147483647:
+            elif tile < 2147483647 // (BLOCK_T * TOP_K):  # flat_slot fits in int32
                 replica = flat_slot.to(tl.int32) % replicas
             else:
                 replica = (flat_slot % replicas).to(tl.int32)
