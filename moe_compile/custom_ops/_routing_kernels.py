@@ -22,7 +22,9 @@ on equal scores, the lower index (as eager ``topk`` does):
   within about 2e-5 of each other: only near zero, or where scores underflow.
   Tiles where a chosen logit is within 2**-7 (bf16) / 2**-4 (fp16) of zero, not
   finite, or more than 80 below the first are redone with int64 keys (by
-  ``TOP_K`` row maxima in a loop: little code for a rare path).
+  ``TOP_K`` row maxima in a loop, in sub-tiles of one row per thread: little
+  code and few registers for a rare path, so the common path keeps its
+  occupancy).
 
 Top-k. Each lane sorts its keys once: bitonic networks over blocks of
 ``HEADS = next_pow2(min(CHUNK, TOP_K))`` keys, then pairwise merges that keep
@@ -233,19 +235,33 @@ def _take_top_k(
 
 
 @triton.jit
-def _take_top_k_small(keys, pick_ptrs, is_token, TOP_K: tl.constexpr, NO_KEY: tl.constexpr):
-    """``_take_top_k`` as TOP_K rounds of a row maximum in a loop: slower, but little
-    code, for the rare exact redo (compile time grows with the code's size)."""
+def _exact_softmax_top_k(
+    x_raw, experts, valid, pick_ptrs, is_token, TOP_K: tl.constexpr, PRECISE_MATH: tl.constexpr
+):
+    """Store the experts of the ``TOP_K`` largest float32 softmax scores of each row, the
+    scores divided as eager divides them. For the rare exact redo: ``TOP_K`` rounds
+    that recompute every key, so only the logits stay live. Holding the keys instead
+    would raise the whole kernel's register count (registers are allocated for the
+    worst path), halving the occupancy of the common one."""
+    x = _to_float32(x_raw)
+    row_max = tl.where(valid[0], x[0], float("-inf"))
+    for j in tl.static_range(1, len(x)):
+        row_max = tl.maximum(row_max, tl.where(valid[j], x[j], float("-inf")))
+    row_max = tl.max(row_max, axis=1)[:, None]
+    row_sum = tl.zeros_like(x[0])
+    for j in tl.static_range(len(x)):
+        row_sum += tl.where(valid[j], _exp(x[j] - row_max, PRECISE_MATH), 0.0)
+    row_sum = tl.sum(row_sum, axis=1)[:, None]
+    # Keys are unique, so the keys below the last one taken are the ones still free.
+    taken = tl.full([x[0].shape[0]], 9223372036854775807, tl.int64)
     for r in range(TOP_K):
-        lane_best = keys[0]
-        for j in tl.static_range(1, len(keys)):
-            lane_best = tl.maximum(lane_best, keys[j])
-        best = tl.max(lane_best, axis=1)
-        tl.store(pick_ptrs + r, _key_expert(best), mask=is_token)
-        cleared = ()
-        for j in tl.static_range(len(keys)):
-            cleared = cleared + (tl.where(keys[j] == best[:, None], NO_KEY, keys[j]),)
-        keys = cleared
+        lane_best = tl.full(x[0].shape, _NO_KEY64, tl.int64)
+        for j in tl.static_range(len(x)):
+            score = tl.math.div_rn(_exp(x[j] - row_max, PRECISE_MATH), row_sum)
+            key = _float_key(score, experts[j], valid[j])
+            lane_best = tl.maximum(lane_best, tl.where(key < taken[:, None], key, _NO_KEY64))
+        taken = tl.max(lane_best, axis=1)
+        tl.store(pick_ptrs + r, _key_expert(taken), mask=is_token)
 
 
 # ---------------------------------------------------------------- scores
@@ -328,7 +344,6 @@ def _selection_keys(
     TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    EXACT_SOFTMAX: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
 ):
     """int64 selection keys: scores (+ bias), grouped routing applied. Softmax
@@ -336,7 +351,7 @@ def _selection_keys(
     keys = ()
     for j in tl.static_range(len(x)):
         if SCORING == 0:
-            if HAS_BIAS or EXACT_SOFTMAX:
+            if HAS_BIAS:
                 score = tl.math.div_rn(numerators[j], row_sum[:, None])
             else:
                 score = numerators[j]  # orders like numerator / row_sum
@@ -488,6 +503,7 @@ def _route_kernel(
     HAS_UNPADDED: tl.constexpr,
     LOAD_BINS: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    REDO_T: tl.constexpr,
     PACKED_TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
 ):
@@ -549,22 +565,22 @@ def _route_kernel(
                 x = _to_float32(x_raw)
                 numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
             if tl.max((suspect & is_token).to(tl.int32), axis=0) > 0:
-                # Exact choice on the float32 scores, divided as eager divides them.
-                # Re-read (cache hits) rather than keep the logits live in registers.
-                exact_x = _to_float32(
-                    _load_lanes(
-                        logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
+                # Redo in sub-tiles of one row per thread, re-reading the logits (cache
+                # hits): fewer live registers. Other threads may own the sub-tile's
+                # rows, so the main picks must land first.
+                tl.debug_barrier()
+                for first_row in range(0, BLOCK_T, REDO_T):
+                    row = tile * BLOCK_T + first_row + tl.arange(0, REDO_T)
+                    is_row = row < num_tokens
+                    row_offsets = row.to(tl.int64)[:, None] * stride_logits_t
+                    exact_raw = _load_lanes(
+                        logits_ptr, row_offsets, is_row, stride_logits_e,
                         LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
+                    )  # fmt: skip
+                    row_picks = picks_ptr + row.to(tl.int64) * stride_weights_t
+                    _exact_softmax_top_k(
+                        exact_raw, experts, valid, row_picks, is_row, TOP_K, PRECISE_MATH
                     )
-                )  # fmt: skip
-                exact_numerators, exact_max, exact_sum = _row_softmax_stats(
-                    exact_x, valid, PRECISE_MATH
-                )
-                exact_keys = _selection_keys(
-                    exact_x, exact_numerators, exact_sum, valid, experts, bias, MEMBERS_PER_LANE,
-                    NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, True, PRECISE_MATH,
-                )  # fmt: skip
-                _take_top_k_small(exact_keys, pick_ptrs, is_token, TOP_K, _NO_KEY64)
         else:
             x = _to_float32(x_raw)
             numerators, row_sum = x, token  # read only for softmax
@@ -572,7 +588,7 @@ def _route_kernel(
                 numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
             keys = _selection_keys(
                 x, numerators, row_sum, valid, experts, bias, MEMBERS_PER_LANE,
-                NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, False, PRECISE_MATH,
+                NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, PRECISE_MATH,
             )  # fmt: skip
             _take_top_k(keys, pick_ptrs, is_token, TOP_K, HEADS, _NO_KEY64)
 
@@ -836,6 +852,7 @@ def launch_route_kernel(
         HAS_UNPADDED=unpadded is not None,
         LOAD_BINS=load_bins,
         BLOCK_T=config.block_tokens,
+        REDO_T=max(1, min(config.block_tokens, 32 * config.num_warps // lanes)),
         PACKED_TOP_K=packed_top_k and config.packed_top_k,
         PRECISE_MATH=not _INTERPRETING,
         num_warps=config.num_warps,

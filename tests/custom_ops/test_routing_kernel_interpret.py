@@ -84,6 +84,10 @@ def _cases():
         "packed_fallback_underflow": dict(
             num_experts=16, top_k=4, num_tokens=5, special="underflow", renormalize=False
         ),
+        # Two redo sub-tiles (64 rows each) of a 128-row tile, both holding rows.
+        "packed_fallback_sub_tiles": dict(
+            num_experts=64, top_k=3, num_tokens=70, special="collide", eplb=True
+        ),
         "packed_signed_zero_ties": dict(num_experts=16, top_k=3, num_tokens=4, special="zeros"),
         "packed_fp16_colliding_tiny_logits": dict(
             num_experts=16, top_k=3, num_tokens=6, special="collide", dtype="float16"
