@@ -27,6 +27,30 @@ from moe_compile.router.custom import append_shared_experts
 from moe_compile.router.scoring import compute_scores, renormalize_weights
 
 
+def _divide_rounded(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """float32 ``numerator / denominator`` correctly rounded, as eager CUDA divides.
+
+    Inductor's Triton code divides float32 approximately; the quotient of two
+    float32 values taken in float64 and rounded to float32 is the correctly
+    rounded float32 quotient (53 >= 2 * 24 + 2 bits: double rounding is innocuous).
+    """
+    return (numerator.double() / denominator.double()).float()
+
+
+def _scores(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """``compute_scores`` in the arithmetic eager CUDA uses, so selection on them breaks
+    near-ties as eager does: ``1 / (1 + exp(-x))`` for sigmoid and ``exp(x - max) / sum``
+    for softmax with correctly rounded division (Inductor's own sigmoid and
+    division are approximate). Elsewhere Inductor's math already matches eager."""
+    if router_logits.device.type != "cuda" or scoring_func == "sqrtsoftplus":
+        return compute_scores(router_logits, scoring_func)
+    logits = router_logits.float()
+    if scoring_func == "sigmoid":
+        return _divide_rounded(torch.ones_like(logits), 1.0 + torch.exp(-logits))
+    numerators = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    return _divide_rounded(numerators, numerators.sum(dim=-1, keepdim=True))
+
+
 def _select_top(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k along the last dim by k rounds of max; equal values go to the lower index."""
     num_columns = values.shape[-1]
@@ -67,7 +91,7 @@ def decomposed_route(
     """``moe_compile::route`` in plain reductions; ids are int64."""
     num_tokens = router_logits.shape[0]
     num_routed = router_logits.shape[1] - num_fused_shared_experts
-    scores = compute_scores(router_logits[:, :num_routed], scoring_func)
+    scores = _scores(router_logits[:, :num_routed], scoring_func)
     choice = scores
     if e_score_correction_bias is not None:
         choice = scores + e_score_correction_bias.float()
