@@ -203,22 +203,23 @@ def _lane_heads(keys, HEADS: tl.constexpr):
 @triton.jit
 def _take_top_k(
     keys,
-    pick_ptrs,
-    is_token,
     TOP_K: tl.constexpr,
+    TOP_K_PAD: tl.constexpr,
     HEADS: tl.constexpr,
     NO_KEY: tl.constexpr,
 ):
-    """Store the experts of the ``TOP_K`` largest keys of each row at ``pick_ptrs + slot``;
-    return the last of those keys and the first (``[BLOCK_T]`` each). A lane holds a
-    power-of-two number of keys."""
+    """The experts of the ``TOP_K`` largest keys of each row (``[BLOCK_T, TOP_K_PAD]``,
+    in registers), the last of those keys and the first (``[BLOCK_T]`` each). A lane
+    holds a power-of-two number of keys."""
     heads = _lane_heads(keys, HEADS)
+    slot = tl.arange(0, TOP_K_PAD)[None, :]
     first = tl.max(heads[0], axis=1)
     best = first
+    picks = tl.zeros([first.shape[0], TOP_K_PAD], tl.int32)
     for r in tl.static_range(TOP_K):
         if r > 0:
             best = tl.max(heads[0], axis=1)
-        tl.store(pick_ptrs + r, _key_expert(best), mask=is_token)
+        picks = tl.where(slot == r, _key_expert(best)[:, None], picks)
         if r + 1 < TOP_K:
             popped = heads[0] == best[:, None]
             shifted = ()
@@ -231,19 +232,41 @@ def _take_top_k(
                 else:
                     shifted = shifted + (heads[j],)
             heads = shifted
-    return best, first
+    return picks, best, first
 
 
 @triton.jit
 def _exact_softmax_top_k(
-    x_raw, experts, valid, pick_ptrs, is_token, TOP_K: tl.constexpr, PRECISE_MATH: tl.constexpr
+    logits_ptr,
+    row_offsets,
+    is_row,
+    stride_e,
+    pick_ptrs,
+    LANES: tl.constexpr,
+    MEMBERS_PER_LANE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TOP_K: tl.constexpr,
+    PRECISE_MATH: tl.constexpr,
 ):
     """Store the experts of the ``TOP_K`` largest float32 softmax scores of each row, the
     scores divided as eager divides them. For the rare exact redo: ``TOP_K`` rounds
-    that recompute every key, so only the logits stay live. Holding the keys instead
-    would raise the whole kernel's register count (registers are allocated for the
-    worst path), halving the occupancy of the common one."""
-    x = _to_float32(x_raw)
+    that each re-read the logits (cache hits) and recompute every key. Registers are
+    allocated for the kernel's worst path, so holding the keys here would cost the
+    common path occupancy; the re-read (ordered after the previous round's store)
+    also keeps the compiler from hoisting the keys out of the loop. Rows are one
+    group here, laid out over ``LANES`` threads of their own (up to a warp), so each
+    thread holds few keys."""
+    experts = ()
+    valid = ()
+    for j in tl.static_range(MEMBERS_PER_LANE):
+        experts = experts + (j * LANES + tl.arange(0, LANES)[None, :],)
+        valid = valid + (experts[j] < GROUP_SIZE,)
+    x = _to_float32(
+        _load_lanes(
+            logits_ptr, row_offsets, is_row, stride_e,
+            LANES, MEMBERS_PER_LANE, 1, GROUP_SIZE, MEMBERS_PER_LANE,
+        )
+    )  # fmt: skip
     row_max = tl.where(valid[0], x[0], float("-inf"))
     for j in tl.static_range(1, len(x)):
         row_max = tl.maximum(row_max, tl.where(valid[j], x[j], float("-inf")))
@@ -253,15 +276,21 @@ def _exact_softmax_top_k(
         row_sum += tl.where(valid[j], _exp(x[j] - row_max, PRECISE_MATH), 0.0)
     row_sum = tl.sum(row_sum, axis=1)[:, None]
     # Keys are unique, so the keys below the last one taken are the ones still free.
-    taken = tl.full([x[0].shape[0]], 9223372036854775807, tl.int64)
+    taken = tl.full([row_max.shape[0]], 9223372036854775807, tl.int64)
     for r in range(TOP_K):
+        x = _to_float32(
+            _load_lanes(
+                logits_ptr, row_offsets, is_row, stride_e,
+                LANES, MEMBERS_PER_LANE, 1, GROUP_SIZE, MEMBERS_PER_LANE,
+            )
+        )  # fmt: skip
         lane_best = tl.full(x[0].shape, _NO_KEY64, tl.int64)
         for j in tl.static_range(len(x)):
             score = tl.math.div_rn(_exp(x[j] - row_max, PRECISE_MATH), row_sum)
             key = _float_key(score, experts[j], valid[j])
             lane_best = tl.maximum(lane_best, tl.where(key < taken[:, None], key, _NO_KEY64))
         taken = tl.max(lane_best, axis=1)
-        tl.store(pick_ptrs + r, _key_expert(taken), mask=is_token)
+        tl.store(pick_ptrs + r, _key_expert(taken), mask=is_row)
 
 
 # ---------------------------------------------------------------- scores
@@ -467,9 +496,7 @@ def _route_kernel(
     bias_ptr,
     stride_bias,
     weights_ptr,
-    stride_weights_t,
     ids_ptr,
-    stride_ids_t,
     l2p_ptr,
     stride_l2p_e,
     stride_l2p_s,
@@ -491,6 +518,7 @@ def _route_kernel(
     TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr,
     TOP_K_PAD: tl.constexpr,
+    OUT_WIDTH: tl.constexpr,
     HEADS: tl.constexpr,
     SORT_WIDTH: tl.constexpr,
     N_SHARED: tl.constexpr,
@@ -504,6 +532,8 @@ def _route_kernel(
     LOAD_BINS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     REDO_T: tl.constexpr,
+    REDO_LANES: tl.constexpr,
+    REDO_MEMBERS_PER_LANE: tl.constexpr,
     PACKED_TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
 ):
@@ -517,8 +547,6 @@ def _route_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(num_tokens, BLOCK_T)
-    # The chosen experts pass through the weights buffer, which spreads a row's
-    # slots over the threads for the per-slot work.
     picks_ptr = weights_ptr.to(tl.pointer_type(tl.int32))
 
     lane = tl.arange(0, LANES)[None, :]
@@ -548,7 +576,7 @@ def _route_kernel(
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         is_token = token < num_tokens
         token2 = token.to(tl.int64)[:, None]
-        pick_ptrs = picks_ptr + token.to(tl.int64) * stride_weights_t
+        out_mask = is_token[:, None] & is_slot
         x_raw = _load_lanes(
             logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
             LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
@@ -559,28 +587,26 @@ def _route_kernel(
             keys = ()
             for j in tl.static_range(SORT_WIDTH):
                 keys = keys + (_packed_key(x_raw[j], experts[j], valid[j]),)
-            last, first = _take_top_k(keys, pick_ptrs, is_token, TOP_K, HEADS, _NO_KEY32)
+            logical, last, first = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY32)
             suspect = _packed_suspect(last, first, logits_ptr.dtype.element_ty)
             if not CHOSEN_ONLY_WEIGHTS:
                 x = _to_float32(x_raw)
                 numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
             if tl.max((suspect & is_token).to(tl.int32), axis=0) > 0:
-                # Redo in sub-tiles of one row per thread, re-reading the logits (cache
-                # hits): fewer live registers. Other threads may own the sub-tile's
-                # rows, so the main picks must land first.
-                tl.debug_barrier()
+                # Redo in sub-tiles of one row per warp, re-reading the logits (cache
+                # hits): fewer live registers. The exact picks pass through the
+                # weights buffer, which the weights overwrite only after a barrier.
                 for first_row in range(0, BLOCK_T, REDO_T):
                     row = tile * BLOCK_T + first_row + tl.arange(0, REDO_T)
                     is_row = row < num_tokens
-                    row_offsets = row.to(tl.int64)[:, None] * stride_logits_t
-                    exact_raw = _load_lanes(
-                        logits_ptr, row_offsets, is_row, stride_logits_e,
-                        LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
-                    )  # fmt: skip
-                    row_picks = picks_ptr + row.to(tl.int64) * stride_weights_t
                     _exact_softmax_top_k(
-                        exact_raw, experts, valid, row_picks, is_row, TOP_K, PRECISE_MATH
-                    )
+                        logits_ptr, row.to(tl.int64)[:, None] * stride_logits_t, is_row,
+                        stride_logits_e, picks_ptr + row.to(tl.int64) * OUT_WIDTH,
+                        REDO_LANES, REDO_MEMBERS_PER_LANE, GROUP_SIZE, TOP_K, PRECISE_MATH,
+                    )  # fmt: skip
+                tl.debug_barrier()
+                logical = tl.load(picks_ptr + token2 * OUT_WIDTH + slot, mask=out_mask, other=0)
+                tl.debug_barrier()
         else:
             x = _to_float32(x_raw)
             numerators, row_sum = x, token  # read only for softmax
@@ -590,12 +616,8 @@ def _route_kernel(
                 x, numerators, row_sum, valid, experts, bias, MEMBERS_PER_LANE,
                 NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, PRECISE_MATH,
             )  # fmt: skip
-            _take_top_k(keys, pick_ptrs, is_token, TOP_K, HEADS, _NO_KEY64)
+            logical, _, _ = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY64)
 
-        out_mask = is_token[:, None] & is_slot
-        tl.debug_barrier()
-        logical = tl.load(pick_ptrs[:, None] + slot, mask=out_mask, other=0)
-        tl.debug_barrier()  # every pick is read before the weights overwrite them
         # A pick of a cleared key (never with valid options) must still name a real expert.
         logical = tl.minimum(tl.maximum(logical, 0), E_ROUTED - 1)
 
@@ -621,7 +643,7 @@ def _route_kernel(
                 total = tl.maximum(total, 1e-20)
             weight = tl.math.div_rn(weight, total[:, None])
         weight = weight * routed_scaling_factor
-        tl.store(weights_ptr + token2 * stride_weights_t + slot, weight, mask=out_mask)
+        tl.store(weights_ptr + token2 * OUT_WIDTH + slot, weight, mask=out_mask)
 
         # ---- EPLB: logical -> physical, and the per-program load histogram
         if HAS_EPLB:
@@ -654,7 +676,7 @@ def _route_kernel(
         else:
             out_ids = logical
         tl.store(
-            ids_ptr + token2 * stride_ids_t + slot,
+            ids_ptr + token2 * OUT_WIDTH + slot,
             out_ids.to(ids_ptr.dtype.element_ty),
             mask=out_mask,
         )
@@ -669,13 +691,13 @@ def _route_kernel(
                 other=0.0,
             ).to(tl.float32)
             tl.store(
-                weights_ptr + token2 * stride_weights_t + TOP_K + shared,
+                weights_ptr + token2 * OUT_WIDTH + TOP_K + shared,
                 _elementwise_score(x_shared, 1, PRECISE_MATH),
                 mask=shared_mask,
             )
             shared_ids = tl.broadcast_to(E_ROUTED + shared, [BLOCK_T, N_SHARED_PAD])
             tl.store(
-                ids_ptr + token2 * stride_ids_t + TOP_K + shared,
+                ids_ptr + token2 * OUT_WIDTH + TOP_K + shared,
                 shared_ids.to(ids_ptr.dtype.element_ty),
                 mask=shared_mask,
             )
@@ -762,8 +784,9 @@ def launch_route_kernel(
     eplb=None,
     config: RouteKernelConfig | None = None,
 ) -> None:
-    """Fill ``weights`` / ``ids`` ``[T, top_k + n_shared]``; with ``eplb = (state, policy)``
-    also add the load into ``state.expert_load_view``. Arguments are checked by the caller."""
+    """Fill ``weights`` / ``ids`` (contiguous ``[T, top_k + n_shared]``); with ``eplb =
+    (state, policy)`` also add the load into ``state.expert_load_view``. Arguments are
+    checked by the caller."""
     # Sizes that become constexprs are made concrete (under dynamic shapes this
     # specializes them, as the kernel must); the token count stays symbolic.
     num_tokens = router_logits.shape[0]
@@ -781,6 +804,8 @@ def launch_route_kernel(
     )
     config = config or _config_override or default_config(row_width, packed_top_k, eplb is not None)
     lanes, members_per_lane = lane_layout(groups, group_size, config.lane_experts)
+    # The exact redo of the packed top-k (one group) spreads a row over up to a warp.
+    redo_lanes, redo_members_per_lane = lane_layout(1, group_size, 1)
     lane_keys = groups * members_per_lane
 
     dummy = router_logits  # stands in for absent pointers; never read under its flag
@@ -816,9 +841,7 @@ def launch_route_kernel(
         bias_ptr=bias if bias is not None else dummy,
         stride_bias=bias.stride(0) if bias is not None else 0,
         weights_ptr=weights,
-        stride_weights_t=weights.stride(0),
         ids_ptr=ids,
-        stride_ids_t=ids.stride(0),
         l2p_ptr=l2p,
         stride_l2p_e=eplb_strides[0],
         stride_l2p_s=eplb_strides[1],
@@ -840,6 +863,7 @@ def launch_route_kernel(
         TOPK_GROUP=topk_group if groups > 1 else 1,
         TOP_K=top_k,
         TOP_K_PAD=triton.next_power_of_2(top_k),
+        OUT_WIDTH=top_k + num_fused_shared_experts,
         HEADS=triton.next_power_of_2(min(lane_keys, top_k)),
         SORT_WIDTH=triton.next_power_of_2(lane_keys),
         N_SHARED=num_fused_shared_experts,
@@ -852,7 +876,9 @@ def launch_route_kernel(
         HAS_UNPADDED=unpadded is not None,
         LOAD_BINS=load_bins,
         BLOCK_T=config.block_tokens,
-        REDO_T=max(1, min(config.block_tokens, 32 * config.num_warps // lanes)),
+        REDO_T=max(1, min(config.block_tokens, 32 * config.num_warps // redo_lanes)),
+        REDO_LANES=redo_lanes,
+        REDO_MEMBERS_PER_LANE=redo_members_per_lane,
         PACKED_TOP_K=packed_top_k and config.packed_top_k,
         PRECISE_MATH=not _INTERPRETING,
         num_warps=config.num_warps,

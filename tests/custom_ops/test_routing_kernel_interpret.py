@@ -84,7 +84,7 @@ def _cases():
         "packed_fallback_underflow": dict(
             num_experts=16, top_k=4, num_tokens=5, special="underflow", renormalize=False
         ),
-        # Two redo sub-tiles (64 rows each) of a 128-row tile, both holding rows.
+        # A 128-row tile redone in sub-tiles (one row per warp), 70 rows holding tokens.
         "packed_fallback_sub_tiles": dict(
             num_experts=64, top_k=3, num_tokens=70, special="collide", eplb=True
         ),
