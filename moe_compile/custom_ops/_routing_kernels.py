@@ -592,10 +592,14 @@ def _route_kernel(
             if not CHOSEN_ONLY_WEIGHTS:
                 x = _to_float32(x_raw)
                 numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
-            if tl.max((suspect & is_token).to(tl.int32), axis=0) > 0:
+            suspect_rows = tl.sum((suspect & is_token).to(tl.int32), axis=0)
+            if suspect_rows > 0:
                 # Redo in sub-tiles of one row per warp, re-reading the logits (cache
                 # hits): fewer live registers. The exact picks pass through the
                 # weights buffer, which the weights overwrite only after a barrier.
+                # They are merged by a select rather than rebound here: a value bound
+                # in one branch of a runtime if makes Triton pick one layout for both,
+                # which doubled the common path's code.
                 for first_row in range(0, BLOCK_T, REDO_T):
                     row = tile * BLOCK_T + first_row + tl.arange(0, REDO_T)
                     is_row = row < num_tokens
@@ -605,7 +609,11 @@ def _route_kernel(
                         REDO_LANES, REDO_MEMBERS_PER_LANE, GROUP_SIZE, TOP_K, PRECISE_MATH,
                     )  # fmt: skip
                 tl.debug_barrier()
-                logical = tl.load(picks_ptr + token2 * OUT_WIDTH + slot, mask=out_mask, other=0)
+            # (broadcast: the interpreter rejects a mask combined with a scalar)
+            redone = out_mask & (tl.broadcast_to(suspect_rows, out_mask.shape) > 0)
+            exact = tl.load(picks_ptr + token2 * OUT_WIDTH + slot, mask=redone, other=0)
+            logical = tl.where(redone, exact, logical)
+            if suspect_rows > 0:
                 tl.debug_barrier()
         else:
             x = _to_float32(x_raw)
