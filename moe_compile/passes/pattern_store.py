@@ -5,7 +5,7 @@ inputs to build the pattern (the "initial trace") and again, with a
 match's real shapes, for every candidate match. The initial traces of our
 patterns cost seconds on the first compile of a process, several times
 the pass itself. Their graphs depend only on torch and on our source, so
-the generated ``_traced_patterns.py`` keeps them (as code that rebuilds
+the generated ``_traced_patterns_<torch major>_<minor>.py`` keeps them (as code that rebuilds
 each graph), and ``register_pattern`` hands a stored graph to
 ``register_replacement`` in place of its initial trace. Every later trace
 (the re-check of a match with its real shapes, the replacement) still
@@ -13,8 +13,9 @@ traces for real, so what matches and what it becomes is unchanged.
 
 The stored graphs are used only where they were generated on the running
 torch version from the very source the patterns are traced from
-(``SOURCES_SHA256``); otherwise every pattern is traced as before.
-Regenerate after changing a pattern or the code it traces:
+(``SOURCES_SHA256``); otherwise every pattern is traced as before. Each torch
+release has its own module. Regenerate after changing a pattern or the code it
+traces, under each torch release that has a module (CI checks the one it runs):
 
     python -m moe_compile.passes.pattern_store --write
 
@@ -39,9 +40,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-GENERATED_MODULE = "moe_compile.passes._traced_patterns"
 _PACKAGE = Path(__file__).resolve().parent.parent
-_GENERATED_PATH = _PACKAGE / "passes" / "_traced_patterns.py"
 # The code a search function can run while it is traced, plus this file (the
 # key and the serialization). Kept narrow on purpose: every file here makes the
 # stored graphs stale whenever it changes.
@@ -70,6 +69,16 @@ def torch_version() -> str:
     """The public torch version: CPU and CUDA wheels of one release trace alike
     (the example inputs are CPU tensors), so the local ``+cu...`` tag is dropped."""
     return torch.__version__.split("+")[0]
+
+
+def generated_module_name() -> str:
+    """The stored traces' module for the running torch release (major.minor)."""
+    major, minor = torch_version().split(".")[:2]
+    return f"moe_compile.passes._traced_patterns_{major}_{minor}"
+
+
+def generated_path() -> Path:
+    return _PACKAGE / "passes" / (generated_module_name().rpartition(".")[2] + ".py")
 
 
 def _input_spec(value) -> str:
@@ -138,7 +147,7 @@ _CODE_GLOBALS = {
 def _stored_graphs() -> dict[str, str]:
     """The generated module's graphs as code, or nothing where they do not fit."""
     try:
-        module = importlib.import_module(GENERATED_MODULE)
+        module = importlib.import_module(generated_module_name())
     except Exception as error:  # a broken or missing generated module means tracing
         log.info("no stored pattern graphs (%s); patterns are traced", error)
         return {}
@@ -349,19 +358,20 @@ def generate() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--write", action="store_true", help=f"rewrite {_GENERATED_PATH.name}")
+    action.add_argument("--write", action="store_true", help="rewrite this torch's module")
     action.add_argument("--check", action="store_true", help="fail if it is out of date")
     args = parser.parse_args(argv)
     text = generate()
+    path = generated_path()
     if args.write:
-        _GENERATED_PATH.write_text(text)
-        print(f"wrote {_GENERATED_PATH} ({len(text.splitlines())} lines)")
+        path.write_text(text)
+        print(f"wrote {path} ({len(text.splitlines())} lines)")
         return 0
-    current = _GENERATED_PATH.read_text() if _GENERATED_PATH.exists() else ""
+    current = path.read_text() if path.exists() else ""
     if current != text:
-        print(f"{_GENERATED_PATH} is out of date: run this module with --write")
+        print(f"{path} is out of date: run this module with --write")
         return 1
-    print(f"{_GENERATED_PATH} is up to date")
+    print(f"{path} is up to date")
     return 0
 
 

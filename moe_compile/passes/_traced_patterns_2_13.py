@@ -5,7 +5,7 @@
 # ruff: noqa
 
 TORCH_VERSION = '2.13.0'
-SOURCES_SHA256 = '1a46bc31f316054b5454dd581359216efd30acf3053607490a14de1cbf7187a7'
+SOURCES_SHA256 = 'b7a219c6f8f9fd3e4d4d0163bfd0ea2a5bba1fcd804ae3f404ce7ca8694c92e4'
 
 GRAPHS = {
     'eplb_modulo_padded(int32[13, 6], int32[32, 3], int32[32], int32[40], bool[], int64[]; )': """\
