@@ -2,13 +2,16 @@
 
 Importing this package registers them: ``moe_compile::route``,
 ``moe_compile::route_eplb`` (routing [+ EPLB remap + load count], one Triton
-kernel on CUDA) and ``moe_compile::eplb_remap``.
+kernel on CUDA), ``moe_compile::route_counted`` (either, plus per-expert counts
+and offsets for a grouped GEMM) and ``moe_compile::eplb_remap``.
 """
 
 from . import eplb_remap
 from .routing import (
     check_eplb_map,
+    expert_counts_reference,
     route,
+    route_counted,
     route_eplb,
     route_reference,
     use_triton_kernel,
@@ -17,7 +20,9 @@ from .routing import (
 __all__ = [
     "check_eplb_map",
     "eplb_remap",
+    "expert_counts_reference",
     "route",
+    "route_counted",
     "route_eplb",
     "route_reference",
     "use_triton_kernel",

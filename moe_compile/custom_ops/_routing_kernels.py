@@ -487,6 +487,43 @@ def _to_float32(x_raw):
     return x
 
 
+# ---------------------------------------------------------------- expert counts
+@triton.jit
+def _bin_counts(ids, mask, num_bins, BINS: tl.constexpr):
+    """Histogram of the ids in ``[0, num_bins)`` (others go to the spare bin ``num_bins``)."""
+    inside = mask & (ids >= 0) & (ids < num_bins)
+    bins = tl.where(inside, ids, num_bins).to(tl.int32)
+    return tl.histogram(tl.reshape(bins, [bins.shape[0] * bins.shape[1]]), BINS)
+
+
+@triton.jit
+def _add_counts_then_offsets(
+    counts_ptr, offsets_ptr, expert_counts, num_bins, num_programs, BINS: tl.constexpr
+):
+    """Add this program's counts; the last program to finish writes the offsets.
+
+    ``offsets[0]`` starts at zero and serves as the ticket counter: each program
+    takes a ticket after its counts are added (release), so the one holding the
+    last ticket sees every count (acquire) and writes the exclusive prefix sums,
+    ``offsets[0] = 0`` last. One launch, no host sync, no second pass over the ids.
+    """
+    bins = tl.arange(0, BINS)
+    tl.atomic_add(
+        counts_ptr + bins,
+        expert_counts,
+        mask=(bins < num_bins) & (expert_counts > 0),
+        sem="relaxed",
+    )
+    tl.debug_barrier()  # every thread's counts are added before the ticket
+    ticket = tl.atomic_add(offsets_ptr, 1, sem="acq_rel")
+    if ticket == num_programs - 1:
+        # Read at the L2 (an atomic that adds nothing): the other programs' counts.
+        totals = tl.atomic_add(counts_ptr + bins, 0, mask=bins < num_bins, sem="relaxed")
+        totals = tl.where(bins < num_bins, totals, 0)
+        tl.store(offsets_ptr + 1 + bins, tl.cumsum(totals, axis=0), mask=bins < num_bins)
+        tl.store(offsets_ptr, 0)
+
+
 # ---------------------------------------------------------------- the kernel
 @triton.jit(do_not_specialize=["num_tokens"])
 def _route_kernel(
@@ -506,8 +543,11 @@ def _route_kernel(
     stride_load,
     record_ptr,
     unpadded_ptr,
+    counts_ptr,
+    offsets_ptr,
     num_tokens,
     num_physical,
+    num_count_bins,
     max_replicas,
     routed_scaling_factor,
     E_ROUTED: tl.constexpr,
@@ -530,6 +570,7 @@ def _route_kernel(
     TOKEN_HASH: tl.constexpr,
     HAS_UNPADDED: tl.constexpr,
     LOAD_BINS: tl.constexpr,
+    COUNT_BINS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     REDO_T: tl.constexpr,
     REDO_LANES: tl.constexpr,
@@ -571,6 +612,8 @@ def _route_kernel(
         if HAS_UNPADDED:
             counted_slots = tl.load(unpadded_ptr).to(tl.int64) * TOP_K
         load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
+    if COUNT_BINS > 0:
+        expert_counts = tl.zeros([COUNT_BINS], dtype=tl.int32)
 
     for tile in range(pid, num_tiles, num_programs):
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -688,6 +731,8 @@ def _route_kernel(
             out_ids.to(ids_ptr.dtype.element_ty),
             mask=out_mask,
         )
+        if COUNT_BINS > 0:
+            expert_counts += _bin_counts(out_ids, out_mask, num_count_bins, COUNT_BINS)
 
         # ---- shared experts: sigmoid weights, fixed ids, after the routed columns
         if N_SHARED > 0:
@@ -709,6 +754,8 @@ def _route_kernel(
                 shared_ids.to(ids_ptr.dtype.element_ty),
                 mask=shared_mask,
             )
+            if COUNT_BINS > 0:
+                expert_counts += _bin_counts(shared_ids, shared_mask, num_count_bins, COUNT_BINS)
 
     if HAS_EPLB:
         bin_ids = tl.arange(0, LOAD_BINS)
@@ -717,6 +764,10 @@ def _route_kernel(
             load_counts.to(load_ptr.dtype.element_ty),
             mask=(bin_ids < num_physical) & (load_counts > 0),
             sem="relaxed",
+        )
+    if COUNT_BINS > 0:
+        _add_counts_then_offsets(
+            counts_ptr, offsets_ptr, expert_counts, num_count_bins, num_programs, COUNT_BINS
         )
 
 
@@ -790,11 +841,13 @@ def launch_route_kernel(
     topk_group: int,
     num_fused_shared_experts: int,
     eplb=None,
+    count_outputs=None,
     config: RouteKernelConfig | None = None,
 ) -> None:
     """Fill ``weights`` / ``ids`` (contiguous ``[T, top_k + n_shared]``); with ``eplb =
-    (state, policy)`` also add the load into ``state.expert_load_view``. Arguments are
-    checked by the caller."""
+    (state, policy)`` also add the load into ``state.expert_load_view``; with
+    ``count_outputs = (counts, offsets)`` (zeroed int32 ``[B]`` and ``[B + 1]``) add the per-id counts and
+    write their exclusive prefix sums. Arguments are checked by the caller."""
     # Sizes that become constexprs are made concrete (under dynamic shapes this
     # specializes them, as the kernel must); the token count stays symbolic.
     num_tokens = router_logits.shape[0]
@@ -833,8 +886,16 @@ def launch_route_kernel(
         policy, l2p, counts, load, record, unpadded = "modulo", dummy, dummy, dummy, dummy, None
         num_physical, max_replicas, eplb_strides, load_bins = 0, 1, (0, 0, 0, 0), 32
 
+    if count_outputs is not None:
+        expert_counts, expert_offsets = count_outputs
+        num_count_bins = expert_counts.shape[0]
+        count_bins = triton.next_power_of_2(int(num_count_bins) + 1)
+    else:
+        expert_counts = expert_offsets = dummy
+        num_count_bins, count_bins = 0, 0
+
     num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
-    if eplb is not None:
+    if eplb is not None or count_outputs is not None:
         cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
         num_tiles = torch.sym_min(num_tiles, cap)
     grid = (torch.sym_max(num_tiles, 1),)
@@ -859,8 +920,11 @@ def launch_route_kernel(
         stride_load=eplb_strides[3],
         record_ptr=record,
         unpadded_ptr=unpadded if unpadded is not None else dummy,
+        counts_ptr=expert_counts,
+        offsets_ptr=expert_offsets,
         num_tokens=num_tokens,
         num_physical=num_physical,
+        num_count_bins=num_count_bins,
         max_replicas=max_replicas,
         routed_scaling_factor=float(routed_scaling_factor),
         E_ROUTED=num_routed,
@@ -883,6 +947,7 @@ def launch_route_kernel(
         TOKEN_HASH=policy == "token_hash",
         HAS_UNPADDED=unpadded is not None,
         LOAD_BINS=load_bins,
+        COUNT_BINS=count_bins,
         BLOCK_T=config.block_tokens,
         REDO_T=max(1, min(config.block_tokens, 32 * config.num_warps // redo_lanes)),
         REDO_LANES=redo_lanes,

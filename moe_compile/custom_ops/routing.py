@@ -314,6 +314,21 @@ def route_reference(
     return weights.contiguous(), ids.to(indices_dtype).contiguous()
 
 
+def expert_counts_reference(
+    ids: torch.Tensor, num_count_bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``counts[b]``: entries of ``ids`` equal to ``b`` (ids outside ``[0, B)``,
+    another rank's experts, are not counted); ``offsets``: their exclusive prefix
+    sums, ``B + 1`` long, ``offsets[b]`` the first row of bin ``b`` in a grouped GEMM."""
+    flat = ids.reshape(-1).long()
+    inside = (flat >= 0) & (flat < num_count_bins)
+    counts = torch.zeros(num_count_bins + 1, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, torch.where(inside, flat, num_count_bins), inside.int())
+    counts = counts[:num_count_bins]
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0, dtype=torch.int32)])
+    return counts, offsets
+
+
 # ---------------------------------------------------------------- device choice
 MAX_KERNEL_ROW = 1024
 """Widest padded expert row (groups x group size, each padded to a power of 2) the kernel holds."""
@@ -357,6 +372,7 @@ def _route_triton(
     num_fused_shared_experts,
     indices_dtype,
     eplb=None,
+    num_count_bins=0,
 ):
     from . import _routing_kernels
 
@@ -364,6 +380,11 @@ def _route_triton(
     width = top_k + num_fused_shared_experts
     weights = torch.empty((num_tokens, width), dtype=torch.float32, device=router_logits.device)
     ids = torch.empty((num_tokens, width), dtype=indices_dtype, device=router_logits.device)
+    counts = offsets = None
+    if num_count_bins:
+        # One zeroed buffer: the kernel adds into the counts and builds the offsets.
+        counted = torch.zeros(2 * num_count_bins + 1, dtype=torch.int32, device=ids.device)
+        counts, offsets = counted[:num_count_bins], counted[num_count_bins:]
     _routing_kernels.launch_route_kernel(
         router_logits,
         e_score_correction_bias,
@@ -377,7 +398,10 @@ def _route_triton(
         topk_group=topk_group,
         num_fused_shared_experts=num_fused_shared_experts,
         eplb=eplb,
+        count_outputs=(counts, offsets) if num_count_bins else None,
     )
+    if num_count_bins:
+        return weights, ids, counts, offsets
     return weights, ids
 
 
@@ -485,6 +509,110 @@ def _route_eplb_op(
     return route_reference(*args, eplb_state=state, replica_policy=replica_policy)
 
 
+@torch.library.triton_op("moe_compile::route_counted", mutates_args=("expert_load_view",))
+def _route_counted_op(
+    router_logits: torch.Tensor,
+    e_score_correction_bias: torch.Tensor | None,
+    top_k: int,
+    scoring_func: str,
+    renormalize: bool,
+    routed_scaling_factor: float,
+    num_expert_group: int,
+    topk_group: int,
+    num_fused_shared_experts: int,
+    indices_dtype: torch.dtype,
+    logical_to_physical_map: torch.Tensor | None,
+    logical_replica_count: torch.Tensor | None,
+    expert_load_view: torch.Tensor | None,
+    should_record: torch.Tensor | None,
+    num_unpadded_tokens: torch.Tensor | None,
+    replica_policy: str,
+    num_count_bins: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``route`` (EPLB tensors None) or ``route_eplb``, plus the per-expert counts and
+    offsets of the ids it returns, from the same launch."""
+    args = (
+        router_logits,
+        e_score_correction_bias,
+        top_k,
+        scoring_func,
+        renormalize,
+        routed_scaling_factor,
+        num_expert_group,
+        topk_group,
+        num_fused_shared_experts,
+        indices_dtype,
+    )
+    state = _check_counted_args(*args, logical_to_physical_map, logical_replica_count,
+                                expert_load_view, should_record, num_unpadded_tokens,
+                                replica_policy, num_count_bins)  # fmt: skip
+    num_routed = router_logits.shape[1] - num_fused_shared_experts
+    if use_triton_kernel(router_logits.device, num_routed, num_expert_group):
+        eplb = None if state is None else (state, replica_policy)
+        return _route_triton(*args, eplb=eplb, num_count_bins=num_count_bins)
+    weights, ids = route_reference(*args, eplb_state=state, replica_policy=replica_policy)
+    return weights, ids, *expert_counts_reference(ids, num_count_bins)
+
+
+def _check_counted_args(
+    router_logits,
+    e_score_correction_bias,
+    top_k,
+    scoring_func,
+    renormalize,
+    routed_scaling_factor,
+    num_expert_group,
+    topk_group,
+    num_fused_shared_experts,
+    indices_dtype,
+    logical_to_physical_map,
+    logical_replica_count,
+    expert_load_view,
+    should_record,
+    num_unpadded_tokens,
+    replica_policy,
+    num_count_bins,
+) -> EplbLayerState | None:
+    """Checks of ``route_counted``; the EPLB state its tensors make, or None without them."""
+    num_routed = check_route_args(
+        router_logits,
+        e_score_correction_bias,
+        top_k,
+        scoring_func,
+        num_expert_group,
+        topk_group,
+        num_fused_shared_experts,
+        indices_dtype,
+    )
+    if num_count_bins < 1:
+        raise ValueError(f"num_count_bins must be a positive int, got {num_count_bins!r}")
+    eplb_tensors = (logical_to_physical_map, logical_replica_count, expert_load_view, should_record)
+    if all(t is None for t in eplb_tensors) and num_unpadded_tokens is None:
+        return None
+    if any(t is None for t in eplb_tensors):
+        raise ValueError(
+            "route_counted takes either no EPLB tensors or all of logical_to_physical_map, "
+            "logical_replica_count, expert_load_view and should_record"
+        )
+    check_eplb_args(
+        router_logits,
+        num_routed,
+        logical_to_physical_map,
+        logical_replica_count,
+        expert_load_view,
+        should_record,
+        num_unpadded_tokens,
+        replica_policy,
+    )
+    return EplbLayerState(
+        expert_load_view=expert_load_view,
+        logical_to_physical_map=logical_to_physical_map,
+        logical_replica_count=logical_replica_count,
+        should_record_tensor=should_record,
+        num_unpadded_tokens=num_unpadded_tokens,
+    )
+
+
 def _fake_outputs(router_logits, top_k, num_fused_shared_experts, indices_dtype):
     shape = (router_logits.shape[0], top_k + num_fused_shared_experts)
     return (
@@ -559,6 +687,22 @@ def _route_eplb_fake(
         replica_policy,
     )
     return _fake_outputs(router_logits, top_k, num_fused_shared_experts, indices_dtype)
+
+
+@_route_counted_op.register_fake
+def _route_counted_fake(*args):
+    _check_counted_args(*args)
+    router_logits, top_k, num_fused_shared_experts, indices_dtype = (
+        args[0], args[2], args[8], args[9]
+    )  # fmt: skip
+    num_count_bins = args[-1]
+    counts = router_logits.new_empty((num_count_bins,), dtype=torch.int32)
+    offsets = router_logits.new_empty((num_count_bins + 1,), dtype=torch.int32)
+    return (
+        *_fake_outputs(router_logits, top_k, num_fused_shared_experts, indices_dtype),
+        counts,
+        offsets,
+    )
 
 
 # ---------------------------------------------------------------- Python entry points
@@ -637,4 +781,52 @@ def route_eplb(
         eplb_state.should_record_tensor,
         eplb_state.num_unpadded_tokens,
         replica_policy,
+    )
+
+
+def route_counted(
+    router_logits: torch.Tensor,
+    top_k: int,
+    num_count_bins: int,
+    eplb_state: EplbLayerState | None = None,
+    *,
+    e_score_correction_bias: torch.Tensor | None = None,
+    scoring_func: str = "softmax",
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_expert_group: int = 0,
+    topk_group: int = 0,
+    num_fused_shared_experts: int = 0,
+    indices_dtype: torch.dtype = torch.int32,
+    replica_policy: str = "token_hash",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`route` (``eplb_state`` None) or :func:`route_eplb`, plus what a grouped expert
+    GEMM needs from the same launch, with no second pass over the ids: ``counts``
+    ``[num_count_bins]`` (int32, ids in ``[0, num_count_bins)`` only, all rows, shared
+    columns included) and ``offsets`` ``[num_count_bins + 1]``, their exclusive prefix
+    sums. Returns ``(weights, ids, counts, offsets)``."""
+    eplb = (None,) * 5
+    if eplb_state is not None:
+        eplb_state.validate()
+        eplb = (
+            eplb_state.logical_to_physical_map,
+            eplb_state.logical_replica_count,
+            eplb_state.expert_load_view,
+            eplb_state.should_record_tensor,
+            eplb_state.num_unpadded_tokens,
+        )
+    return torch.ops.moe_compile.route_counted(
+        router_logits,
+        e_score_correction_bias,
+        top_k,
+        scoring_func,
+        renormalize,
+        routed_scaling_factor,
+        num_expert_group,
+        topk_group,
+        num_fused_shared_experts,
+        indices_dtype,
+        *eplb,
+        replica_policy,
+        num_count_bins,
     )

@@ -125,6 +125,17 @@ def _cases():
             lane_experts=lane_experts,
             eplb=True,
         )
+    # Per-expert counts and offsets: over several programs (small tiles), with EPLB
+    # (physical ids) and shared columns, and with fewer bins than ids (a rank's slice).
+    cases["counts_many_programs"] = dict(
+        num_experts=20, top_k=3, num_tokens=37, small_tiles=True, count_bins=20, ties=True
+    )
+    cases["counts_eplb_shared"] = dict(
+        num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
+        count_bins=40,
+    )  # fmt: skip
+    cases["counts_partial_bins"] = dict(num_experts=20, top_k=3, num_tokens=9, count_bins=7)
+    cases["counts_empty_batch"] = dict(num_experts=20, top_k=3, num_tokens=0, count_bins=20)
     for policy in ("token_hash", "modulo"):
         for load_dtype in ("int32", "int64", "float32"):
             cases[f"eplb_{policy}_{load_dtype}_many_tiles"] = dict(
@@ -191,6 +202,7 @@ def _run_case(
     via_op=False,
     special=None,
     lane_experts=None,
+    count_bins=None,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -295,6 +307,10 @@ def _run_case(
                     state.num_unpadded_tokens,
                     policy,
                 )
+            elif count_bins:
+                weights, ids, counts, offsets = routing._route_triton(
+                    *args, eplb=(state, policy), num_count_bins=count_bins
+                )
             else:
                 weights, ids = routing._route_triton(*args, eplb=(state, policy))
             ref_weights, ref_ids = routing.route_reference(
@@ -318,6 +334,9 @@ def _run_case(
         elif via_op:
             weights, ids = torch.ops.moe_compile.route(*args)
             ref_weights, ref_ids = routing.route_reference(*args)
+        elif count_bins:
+            weights, ids, counts, offsets = routing._route_triton(*args, num_count_bins=count_bins)
+            ref_weights, ref_ids = routing.route_reference(*args)
         else:
             weights, ids = routing._route_triton(*args)
             ref_weights, ref_ids = routing.route_reference(*args)
@@ -330,6 +349,10 @@ def _run_case(
     assert ids.shape == weights.shape == (num_tokens, top_k + shared)
     assert torch.equal(ids, ref_ids), f"ids\n{ids.tolist()}\n!=\n{ref_ids.tolist()}"
     torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=0)
+    if count_bins:
+        ref_counts, ref_offsets = routing.expert_counts_reference(ref_ids, count_bins)
+        assert torch.equal(counts, ref_counts), f"counts {counts.tolist()} != {ref_counts.tolist()}"
+        assert torch.equal(offsets, ref_offsets), f"offsets {offsets.tolist()}"
 
 
 def _special_logits(kind, num_tokens, width, generator, bf16):

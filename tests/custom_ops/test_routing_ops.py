@@ -337,6 +337,92 @@ def test_debug_maps_env_var(monkeypatch):
         custom_ops.route_eplb(logits, 2, state)
 
 
+# ---------------------------------------------------------------- counts and offsets
+def _loop_counts(ids, num_bins):
+    """Per-bin counts and exclusive offsets by a Python loop over every id."""
+    counts = [0] * num_bins
+    for value in ids.reshape(-1).tolist():
+        if 0 <= value < num_bins:
+            counts[value] += 1
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    return counts, offsets
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 37])
+@pytest.mark.parametrize("eplb", [False, True])
+@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[5], CONFIGS[7]], ids=lambda c: c.name)
+def test_route_counted_counts_the_returned_ids(config, eplb, num_tokens):
+    generator = torch.Generator().manual_seed(5)
+    logits = make_logits(config, num_tokens, generator, ties=True)
+    bias = config.make_bias(generator)
+    state = eager_state = None
+    num_bins = config.num_experts + config.shared
+    if eplb:
+        state, num_physical = make_state(config, generator)
+        eager_state = clone_state(state)
+        num_bins = num_physical + config.shared
+    weights, ids, counts, offsets = custom_ops.route_counted(
+        logits, config.top_k, num_bins, state,
+        e_score_correction_bias=bias, scoring_func=config.scoring_func,
+        renormalize=config.renormalize, routed_scaling_factor=config.scale,
+        num_expert_group=config.groups, topk_group=config.topk_group,
+        num_fused_shared_experts=config.shared,
+    )  # fmt: skip
+    args = config.op_args(logits, bias)
+    if eplb:
+        ref_weights, ref_ids = torch.ops.moe_compile.route_eplb(
+            *args, *eplb_op_args(eager_state, "token_hash")
+        )
+        assert torch.equal(state.expert_load_view, eager_state.expert_load_view)
+    else:
+        ref_weights, ref_ids = torch.ops.moe_compile.route(*args)
+    assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
+    expected_counts, expected_offsets = _loop_counts(ids, num_bins)
+    assert counts.dtype == offsets.dtype == torch.int32
+    assert counts.tolist() == expected_counts
+    assert offsets.tolist() == expected_offsets
+    assert offsets[-1] == num_tokens * (config.top_k + config.shared)
+
+
+def test_route_counted_skips_ids_outside_the_bins():
+    """Fewer bins than experts (a rank's local slice): other ids are not counted."""
+    generator = torch.Generator().manual_seed(6)
+    config = CONFIGS[0]
+    logits = make_logits(config, 50, generator, ties=False)
+    _, ids, counts, offsets = custom_ops.route_counted(logits, config.top_k, 3)
+    expected_counts, expected_offsets = _loop_counts(ids, 3)
+    assert counts.tolist() == expected_counts and offsets.tolist() == expected_offsets
+    assert int(offsets[-1]) < ids.numel()
+
+
+@pytest.mark.parametrize("eplb", [False, True])
+def test_opcheck_route_counted(eplb):
+    generator = torch.Generator().manual_seed(1)
+    config = CONFIGS[5]
+    logits = make_logits(config, 9, generator, ties=False)
+    eplb_args = (None,) * 5
+    if eplb:
+        state, _ = make_state(config, generator)
+        eplb_args = eplb_op_args(state, "modulo")[:5]
+    args = config.op_args(logits, config.make_bias(generator)) + eplb_args + ("modulo", 300)
+    torch.library.opcheck(torch.ops.moe_compile.route_counted.default, args)
+
+
+def test_route_counted_bad_arguments_raise():
+    logits = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="num_count_bins must be a positive int"):
+        custom_ops.route_counted(logits, 2, 0)
+    state, _ = make_state(Config("bad", 8, 2), torch.Generator().manual_seed(0))
+    args = Config("bad", 8, 2).op_args(logits, None)
+    partial = (state.logical_to_physical_map, None, state.expert_load_view, None, None)
+    before = state.expert_load_view.clone()
+    with pytest.raises(ValueError, match="either no EPLB tensors or all of"):
+        torch.ops.moe_compile.route_counted(*args, *partial, "modulo", 8)
+    assert torch.equal(state.expert_load_view, before)
+
+
 # ---------------------------------------------------------------- opcheck, fake, compile
 OPCHECK_CONFIGS = [CONFIGS[0], CONFIGS[3], CONFIGS[5], CONFIGS[7]]
 
