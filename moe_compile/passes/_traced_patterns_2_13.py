@@ -5,7 +5,7 @@
 # ruff: noqa
 
 TORCH_VERSION = '2.13.0'
-SOURCES_SHA256 = 'b7a219c6f8f9fd3e4d4d0163bfd0ea2a5bba1fcd804ae3f404ce7ca8694c92e4'
+SOURCES_SHA256 = 'eafc63d1693caf11e83adc5cc784b978ce761c86322e6fa43706042003e24f41'
 
 GRAPHS = {
     'eplb_modulo_padded(int32[13, 6], int32[32, 3], int32[32], int32[40], bool[], int64[]; )': """\

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch._inductor.pattern_matcher import PatternMatcherPass
+from torch._inductor.pattern_matcher import PatternMatcherPass, fwd_only
 
 import moe_compile.custom_ops  # noqa: F401  (registers the ops the patterns emit)
 from moe_compile.router.custom import shared_routed_topk
@@ -26,7 +26,7 @@ from moe_compile.router.grouped import grouped_topk
 from moe_compile.router.scoring import SCORING_FUNCS
 from moe_compile.router.topk import fused_topk, fused_topk_bias
 
-from .tracing import register_pattern
+from .tracing import canonicalize_like_inductor, register_pattern
 
 # Example scalars for tracing. The matcher re-traces each candidate with the
 # real values and then reads every literal equal to one of these examples as
@@ -49,6 +49,7 @@ class RoutingVariant:
     bias_dtype: torch.dtype | None = None
     topk_dim: int = -1  # model code writes torch.topk(..., dim=1) or dim=-1
     scale_input: bool = False  # routed_scaling_factor made a graph input by Dynamo
+    unit_scale: bool = False  # routed_scaling_factor 1.0, its multiply removed as a no-op
 
     @property
     def name(self) -> str:
@@ -58,6 +59,8 @@ class RoutingVariant:
             parts.append("bias_" + str(self.bias_dtype).removeprefix("torch."))
         if self.scale_input:
             parts.append("scale_input")
+        if self.unit_scale:
+            parts.append("unit_scale")
         return "_".join(parts) + f"_dim{self.topk_dim}"
 
 
@@ -116,8 +119,39 @@ def _scale_as_graph_input(search, replace, example_inputs, scalars):
     return search_with_scale_input, replace_with_scale_input, inputs, scalars
 
 
+def _with_unit_scale(search, replace, example_inputs, scalars):
+    """The same routing with ``routed_scaling_factor`` 1.0 baked in: where Inductor
+    removes a multiply by 1.0 as a no-op (torch 2.14), the scale is not in the graph."""
+    names = list(inspect.signature(search).parameters)
+    kept = [name for name in names if name != "routed_scaling_factor"]
+    call = ", ".join("1.0" if name == "routed_scaling_factor" else name for name in names)
+
+    def with_scale_one(fn):
+        # A function of the other arguments by name: tracing reads its signature.
+        namespace = {}
+        exec(f"def {fn.__name__}({', '.join(kept)}):\n    return fn({call})", {"fn": fn}, namespace)
+        return namespace[fn.__name__]
+
+    scalars = {k: v for k, v in scalars.items() if k != "routed_scaling_factor"}
+    return with_scale_one(search), with_scale_one(replace), example_inputs, scalars
+
+
+@functools.cache
+def multiply_by_one_is_removed() -> bool:
+    """Whether Inductor's graph passes before ours drop ``x * 1.0`` (from torch 2.14 on)."""
+    from torch._inductor.fx_passes.joint_graph import joint_graph_passes
+
+    gm = fwd_only(lambda x: x * 1.0, [torch.ones(2)])
+    joint_graph_passes(gm)
+    canonicalize_like_inductor(gm)
+    return not any(node.target == torch.ops.aten.mul.Tensor for node in gm.graph.nodes)
+
+
 def _search_and_replace(variant: RoutingVariant) -> tuple[Callable, Callable, list, dict]:
     """The search function, its replacement, example inputs and scalar arguments."""
+    if variant.unit_scale:
+        scaled = dataclasses.replace(variant, unit_scale=False)
+        return _with_unit_scale(*_search_and_replace(scaled))
     if variant.scale_input:
         static = dataclasses.replace(variant, scale_input=False)
         return _scale_as_graph_input(*_search_and_replace(static))
@@ -287,16 +321,17 @@ def routing_variants() -> Iterator[RoutingVariant]:
     # win, or the op would read a float32 copy (twice the bytes, slower top-k).
     logits_dtypes = (torch.bfloat16, torch.float32)
     bias_dtypes = (torch.bfloat16, torch.float32)
+    scale_forms = [dict(), dict(scale_input=True)]
+    if multiply_by_one_is_removed():
+        scale_forms.insert(1, dict(unit_scale=True))
     for scoring, renorm, logits in itertools.product(SCORING_FUNCS, (True, False), logits_dtypes):
         yield RoutingVariant("topk", scoring, renorm, logits)
-        for scale_input in (False, True):
+        for scale in scale_forms:
             for grouped in ("grouped", "grouped_all_groups"):
-                yield RoutingVariant(grouped, scoring, renorm, logits, scale_input=scale_input)
+                yield RoutingVariant(grouped, scoring, renorm, logits, **scale)
             for bias in bias_dtypes:
                 for family in ("topk_bias", "grouped", "grouped_all_groups"):
-                    yield RoutingVariant(
-                        family, scoring, renorm, logits, bias, scale_input=scale_input
-                    )
+                    yield RoutingVariant(family, scoring, renorm, logits, bias, **scale)
     for renorm, logits in itertools.product((True, False), logits_dtypes):
         yield RoutingVariant("shared_routed", "softmax", renorm, logits)
     for logits, dim in itertools.product(logits_dtypes, (-1, 1)):
