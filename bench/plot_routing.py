@@ -9,6 +9,10 @@ case and EPLB setting: time per call vs tokens, one line per implementation,
 the floor dashed). The PNG is drawn with numpy and zlib (``bench/_png.py``);
 no plotting library is needed.
 
+``--baseline OLD.json`` adds the implementations only OLD measured (eager and
+vanilla ``torch.compile``, whose code does not change between kernel runs),
+marked as taken from OLD, so a run can time only what changed.
+
 Input: the JSON's ``timings`` list, each entry with ``case``, ``eplb``,
 ``num_tokens``, ``impl``, ``us_per_call`` (null on error) and ``floor_us``;
 ``device``, ``torch``, ``triton`` and optionally ``date`` at the top level.
@@ -57,6 +61,23 @@ def load_report(path: Path) -> dict:
     return report
 
 
+def merge_baseline(report: dict, baseline: dict, source: str) -> dict:
+    """``report`` plus the timings of the implementations only ``baseline`` has."""
+    mine = {t["impl"] for t in report["timings"]}
+    added = sorted({t["impl"] for t in baseline["timings"]} - mine)
+    if baseline.get("device") != report.get("device"):
+        raise ValueError(
+            f"baseline ran on {baseline.get('device')!r}, this run on {report.get('device')!r}"
+        )
+    merged = dict(report)
+    merged["timings"] = report["timings"] + [t for t in baseline["timings"] if t["impl"] in added]
+    merged["baseline_note"] = (
+        f"Columns {', '.join(added)} are from {source} (same card, torch "
+        f"{baseline.get('torch')}, triton {baseline.get('triton')}, {baseline.get('date')})."
+    )
+    return merged
+
+
 def implementations(timings: list[dict]) -> list[str]:
     names = {t["impl"] for t in timings}
     ordered = [name for name in PREFERRED_ORDER if name in names]
@@ -97,6 +118,8 @@ def markdown(report: dict) -> str:
         ),
         "",
     ]
+    if report.get("baseline_note"):
+        lines += [report["baseline_note"], ""]
     for (case, eplb), by_tokens in grouped(timings).items():
         lines += [f"## {case}, EPLB {'on' if eplb else 'off'}", ""]
         header = ["T", *impls, "floor", "kernel % of floor", "kernel vs eager"]
@@ -162,9 +185,14 @@ def main(argv=None) -> int:
     parser.add_argument("json", type=Path, help="routing_kernel.json")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: beside)")
     parser.add_argument("--columns", type=int, default=2, help="panels per row in the PNG")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="an older run's JSON for the missing columns"
+    )
     args = parser.parse_args(argv)
     try:
         report = load_report(args.json)
+        if args.baseline is not None:
+            report = merge_baseline(report, load_report(args.baseline), args.baseline.name)
     except ValueError as error:
         parser.error(str(error))
     out = args.out or args.json.parent

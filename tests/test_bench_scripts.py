@@ -196,3 +196,19 @@ def test_plot_routing_rejects_other_json(tmp_path):
     source.write_text(json.dumps({"results": []}))
     with pytest.raises(ValueError, match="no 'timings' list"):
         plot_routing.load_report(source)
+
+
+def test_plot_routing_baseline_adds_only_missing_implementations():
+    report = _routing_report()
+    new = dict(report, timings=[t for t in report["timings"] if t["impl"] == "kernel"])
+    new["timings"] = [dict(t, us_per_call=t["us_per_call"] / 2) for t in new["timings"]]
+    merged = plot_routing.merge_baseline(new, report, "old.json")
+    by_impl = {}
+    for t in merged["timings"]:
+        by_impl.setdefault(t["impl"], []).append(t["us_per_call"])
+    # The new run's kernel times are kept; eager and torch_compile come from the baseline.
+    assert by_impl["kernel"] == [t["us_per_call"] for t in new["timings"]]
+    assert len(by_impl["eager"]) == 4 and len(by_impl["torch_compile"]) == 1
+    assert "Columns eager, torch_compile are from old.json" in plot_routing.markdown(merged)
+    with pytest.raises(ValueError, match="baseline ran on"):
+        plot_routing.merge_baseline(new, dict(report, device="A100"), "old.json")
