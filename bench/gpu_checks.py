@@ -198,6 +198,65 @@ def check_score_arithmetic(device) -> dict:
     return result
 
 
+def check_counts(device) -> list[dict]:
+    """``route_counted`` on CUDA: counts and offsets equal a recount of the ids it returns
+    (many programs, the last one writing the offsets), and ids, weights and load equal
+    those of ``route`` / ``route_eplb``."""
+    from moe_compile.custom_ops import expert_counts_reference, route, route_counted, route_eplb
+
+    results = []
+    generator = torch.Generator(device=device).manual_seed(3)
+    for grouped in (False, True):
+        options = dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4) if grouped else {}
+        for eplb in (False, True):
+            for num_tokens in (1, 7, 4099, 65536):
+                logits = torch.randn(num_tokens, 256, device=device, generator=generator)
+                logits = logits.bfloat16()
+                state = expected_state = None
+                num_bins = 256
+                if eplb:
+                    num_bins = 256 + 32  # 32 experts with a second replica
+                    l2p = torch.stack(
+                        [
+                            torch.arange(256, device=device),
+                            256 + torch.arange(256, device=device) % 32,
+                        ]
+                    ).T.contiguous()
+                    replicas = torch.where(torch.arange(256, device=device) < 32, 2, 1)
+                    state, expected_state = (
+                        mc.EplbLayerState(
+                            expert_load_view=torch.zeros(
+                                num_bins, dtype=torch.int32, device=device
+                            ),
+                            logical_to_physical_map=l2p,
+                            logical_replica_count=replicas,
+                            should_record_tensor=torch.tensor(True, device=device),
+                        )
+                        for _ in range(2)
+                    )
+                weights, ids, counts, offsets = route_counted(logits, 8, num_bins, state, **options)
+                if eplb:
+                    ref_weights, ref_ids = route_eplb(logits, 8, expected_state, **options)
+                else:
+                    ref_weights, ref_ids = route(logits, 8, **options)
+                ref_counts, ref_offsets = expert_counts_reference(ids, num_bins)
+                ok = (
+                    torch.equal(ids, ref_ids)
+                    and torch.equal(weights, ref_weights)
+                    and torch.equal(counts, ref_counts)
+                    and torch.equal(offsets, ref_offsets)
+                    and (
+                        not eplb
+                        or torch.equal(state.expert_load_view, expected_state.expert_load_view)
+                    )
+                )
+                results.append(
+                    {"check": "route_counted", "grouped": grouped, "eplb": eplb,
+                     "num_tokens": num_tokens, "ok": bool(ok)}
+                )  # fmt: skip
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
@@ -214,10 +273,10 @@ def main() -> int:
     }
     failed = False
     if on_gpu:
-        result = check_score_arithmetic(device)
-        failed |= not result["ok"]
-        report["checks"].append(result)
-        print(json.dumps(result), flush=True)
+        for result in [check_score_arithmetic(device), *check_counts(device)]:
+            failed |= not result["ok"]
+            report["checks"].append(result)
+            print(json.dumps(result), flush=True)
     for strategy in ("kernel", "inductor"):
         for name in ROUTER_CASES:
             try:
