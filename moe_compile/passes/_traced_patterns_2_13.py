@@ -5,7 +5,7 @@
 # ruff: noqa
 
 TORCH_VERSION = '2.13.0'
-SOURCES_SHA256 = 'eafc63d1693caf11e83adc5cc784b978ce761c86322e6fa43706042003e24f41'
+SOURCES_SHA256 = 'fb43ae79de3f3dad13468922247115331a1c3ce5d4bf21bd72f7e767eec6d605'
 
 GRAPHS = {
     'eplb_modulo_padded(int32[13, 6], int32[32, 3], int32[32], int32[40], bool[], int64[]; )': """\

@@ -61,31 +61,53 @@ def _search_and_replace(policy: str, with_padding: bool):
     return remap_unpadded, fused_unpadded
 
 
+def eplb_patterns(graph: torch.fx.Graph) -> PatternMatcherPass:
+    """The mapping chains ``graph`` can contain: both policies, for int64 and int32 ids
+    and maps (int32 adds casts to the traced graph), with padding only where the graph
+    compares against a tensor (the padded chain's ``slot < unpadded * k``)."""
+    padded = bool(graph.find_nodes(op="call_function", target=torch.ops.aten.lt.Tensor))
+    return _lazy_eplb_patterns().register((False, True) if padded else (False,))
+
+
+class _LazyEplbPatterns:
+    """One pattern pass, filled per padding form as graphs need them."""
+
+    def __init__(self):
+        self.patterns = PatternMatcherPass(pass_name="moe_compile_eplb")
+        self.registered: set[bool] = set()
+
+    def register(self, paddings: tuple[bool, ...]) -> PatternMatcherPass:
+        for with_padding in paddings:
+            if with_padding not in self.registered:
+                self._register(with_padding)
+                self.registered.add(with_padding)
+        return self.patterns
+
+    def _register(self, with_padding: bool) -> None:
+        for policy, ids_dtype, map_dtype in itertools.product(
+            REPLICA_POLICIES, (torch.int64, torch.int32), (torch.int64, torch.int32)
+        ):
+            search, replace = _search_and_replace(policy, with_padding)
+            example_inputs = [
+                torch.zeros(_EXAMPLE_TOKENS, _EXAMPLE_TOP_K, dtype=ids_dtype),
+                torch.zeros(_EXAMPLE_EXPERTS, _EXAMPLE_SLOTS, dtype=map_dtype),
+                torch.ones(_EXAMPLE_EXPERTS, dtype=map_dtype),
+                torch.zeros(_EXAMPLE_EXPERTS + 8, dtype=torch.int32),
+                torch.tensor(True),
+            ] + ([torch.tensor(_EXAMPLE_TOKENS)] if with_padding else [])
+            register_pattern(
+                search,
+                replace,
+                example_inputs,
+                self.patterns,
+                pattern_name=f"eplb_{policy}_{'padded' if with_padding else 'unpadded'}",
+                skip_duplicates=True,
+            )
+
+
 @functools.cache
-def eplb_patterns() -> PatternMatcherPass:
-    """The mapping chain for both policies, with and without padding, for int64
-    and int32 ids and maps (int32 adds casts to the traced graph)."""
-    patterns = PatternMatcherPass(pass_name="moe_compile_eplb")
-    for policy, with_padding, ids_dtype, map_dtype in itertools.product(
-        REPLICA_POLICIES, (False, True), (torch.int64, torch.int32), (torch.int64, torch.int32)
-    ):
-        search, replace = _search_and_replace(policy, with_padding)
-        example_inputs = [
-            torch.zeros(_EXAMPLE_TOKENS, _EXAMPLE_TOP_K, dtype=ids_dtype),
-            torch.zeros(_EXAMPLE_EXPERTS, _EXAMPLE_SLOTS, dtype=map_dtype),
-            torch.ones(_EXAMPLE_EXPERTS, dtype=map_dtype),
-            torch.zeros(_EXAMPLE_EXPERTS + 8, dtype=torch.int32),
-            torch.tensor(True),
-        ] + ([torch.tensor(_EXAMPLE_TOKENS)] if with_padding else [])
-        register_pattern(
-            search,
-            replace,
-            example_inputs,
-            patterns,
-            pattern_name=f"eplb_{policy}_{'padded' if with_padding else 'unpadded'}",
-            skip_duplicates=True,
-        )
-    return patterns
+def _lazy_eplb_patterns() -> _LazyEplbPatterns:
+    return _LazyEplbPatterns()
 
 
 def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:

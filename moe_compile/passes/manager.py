@@ -72,7 +72,7 @@ class MoEFusionPass(CustomGraphPass):
         if self.config.fuse_eplb:
             # Tracing the EPLB patterns costs time: skip it where no count can be.
             has_count = bool(graph.find_nodes(op="call_function", target=_ACCUMULATE))
-            applied["eplb_remap"] = eplb_patterns().apply(graph) if has_count else 0
+            applied["eplb_remap"] = eplb_patterns(graph).apply(graph) if has_count else 0
             applied["route_eplb"] = fold_remap_into_routing(graph)
         if self.config.fold_index_casts:
             applied["index_cast"] = fold_index_casts(graph)

@@ -297,13 +297,13 @@ def _graph_source(graph: torch.fx.Graph) -> str:
 def _register_every_pattern() -> None:
     """Runs every registration that goes through ``register_pattern``, into
     throwaway pattern passes."""
-    from .eplb import eplb_patterns
+    from .eplb import _LazyEplbPatterns
     from .routing import _LazyRoutingPatterns, routing_variants
 
     routing = _LazyRoutingPatterns()
     for variant in routing_variants():
         routing._register(variant)
-    eplb_patterns.__wrapped__()
+    _LazyEplbPatterns().register((False, True))
 
 
 def _same_pattern(stored: torch.fx.GraphModule, fresh: torch.fx.GraphModule) -> bool:

@@ -26,7 +26,7 @@ from moe_compile.router.grouped import grouped_topk
 from moe_compile.router.scoring import SCORING_FUNCS
 from moe_compile.router.topk import fused_topk, fused_topk_bias
 
-from .tracing import canonicalize_like_inductor, register_pattern
+from .tracing import register_pattern
 
 # Example scalars for tracing. The matcher re-traces each candidate with the
 # real values and then reads every literal equal to one of these examples as
@@ -138,12 +138,12 @@ def _with_unit_scale(search, replace, example_inputs, scalars):
 
 @functools.cache
 def multiply_by_one_is_removed() -> bool:
-    """Whether Inductor's graph passes before ours drop ``x * 1.0`` (from torch 2.14 on)."""
-    from torch._inductor.fx_passes.joint_graph import joint_graph_passes
+    """Whether Inductor's no-op removal before our pass drops ``x * 1.0`` (from torch 2.14
+    on, for a Python-scalar factor)."""
+    from torch._inductor.fx_passes.joint_graph import remove_no_ops
 
     gm = fwd_only(lambda x: x * 1.0, [torch.ones(2)])
-    joint_graph_passes(gm)
-    canonicalize_like_inductor(gm)
+    remove_no_ops(gm, set(), set())
     return not any(node.target == torch.ops.aten.mul.Tensor for node in gm.graph.nodes)
 
 
@@ -355,7 +355,8 @@ _FAMILY_NEEDS = {
     "topk_then_sigmoid": torch.ops.aten.topk.default,
 }
 _SCORING_NEEDS = {
-    "softmax": torch.ops.aten.exp.default,
+    # Not exp: the experts' SiLU has one too, so every graph would register softmax.
+    "softmax": torch.ops.aten.amax.default,
     "sigmoid": torch.ops.aten.sigmoid.default,
     "sqrtsoftplus": torch.ops.aten.sqrt.default,
 }

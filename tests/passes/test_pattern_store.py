@@ -60,7 +60,7 @@ def test_stored_traces_match_fresh_traces():
 
 @needs_matching_torch
 def test_registration_uses_stored_traces(monkeypatch, fresh_store):
-    from moe_compile.passes.eplb import eplb_patterns
+    from moe_compile.passes.eplb import _LazyEplbPatterns
 
     assert pattern_store._stored_graphs(), f"the stored traces do not fit the source: {REGENERATE}"
     traced = []
@@ -72,7 +72,7 @@ def test_registration_uses_stored_traces(monkeypatch, fresh_store):
 
     monkeypatch.setattr(tracing, "trace_post_grad", counting_trace)
     assert _registered(VARIANTS)
-    assert eplb_patterns.__wrapped__().patterns
+    assert _LazyEplbPatterns().register((False, True)).patterns
     assert not traced
 
 
