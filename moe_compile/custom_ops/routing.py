@@ -382,9 +382,10 @@ def _route_triton(
     ids = torch.empty((num_tokens, width), dtype=indices_dtype, device=router_logits.device)
     counts = offsets = None
     if num_count_bins:
-        # One zeroed buffer: the kernel adds into the counts and builds the offsets.
-        counted = torch.zeros(2 * num_count_bins + 1, dtype=torch.int32, device=ids.device)
-        counts, offsets = counted[:num_count_bins], counted[num_count_bins:]
+        # Zeroed: the kernel adds into the counts and takes tickets in offsets[0].
+        # Two tensors, not views of one: an op's outputs must not alias each other.
+        counts = torch.zeros(num_count_bins, dtype=torch.int32, device=ids.device)
+        offsets = torch.zeros(num_count_bins + 1, dtype=torch.int32, device=ids.device)
     _routing_kernels.launch_route_kernel(
         router_logits,
         e_score_correction_bias,

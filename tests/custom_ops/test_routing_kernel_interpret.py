@@ -135,6 +135,9 @@ def _cases():
         count_bins=40,
     )  # fmt: skip
     cases["counts_partial_bins"] = dict(num_experts=20, top_k=3, num_tokens=9, count_bins=7)
+    cases["counts_via_op"] = dict(
+        num_experts=20, top_k=3, num_tokens=9, count_bins=20, eplb=True, via_op=True
+    )
     cases["counts_empty_batch"] = dict(num_experts=20, top_k=3, num_tokens=0, count_bins=20)
     for policy in ("token_hash", "modulo"):
         for load_dtype in ("int32", "int64", "float32"):
@@ -297,7 +300,18 @@ def _run_case(
                 should_record_tensor=state.should_record_tensor,
                 num_unpadded_tokens=state.num_unpadded_tokens,
             )
-            if via_op:
+            if via_op and count_bins:
+                weights, ids, counts, offsets = torch.ops.moe_compile.route_counted(
+                    *args,
+                    state.logical_to_physical_map,
+                    state.logical_replica_count,
+                    state.expert_load_view,
+                    state.should_record_tensor,
+                    state.num_unpadded_tokens,
+                    policy,
+                    count_bins,
+                )
+            elif via_op:
                 weights, ids = torch.ops.moe_compile.route_eplb(
                     *args,
                     state.logical_to_physical_map,
