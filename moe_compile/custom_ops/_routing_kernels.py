@@ -22,7 +22,7 @@ on equal scores, the lower index (as eager ``topk`` does):
   within about 2e-5 of each other: only near zero, or where scores underflow.
   Tiles where a chosen logit is within 2**-7 (bf16) / 2**-4 (fp16) of zero, not
   finite, or more than 80 below the first are redone with int64 keys (by
-  ``TOP_K`` row maxima in a loop, in sub-tiles of one row per thread: little
+  ``TOP_K`` row maxima in a loop, in sub-tiles of one row per warp: little
   code and few registers for a rare path, so the common path keeps its
   occupancy).
 
@@ -844,10 +844,12 @@ def launch_route_kernel(
     count_outputs=None,
     config: RouteKernelConfig | None = None,
 ) -> None:
-    """Fill ``weights`` / ``ids`` (contiguous ``[T, top_k + n_shared]``); with ``eplb =
-    (state, policy)`` also add the load into ``state.expert_load_view``; with
-    ``count_outputs = (counts, offsets)`` (zeroed int32 ``[B]`` and ``[B + 1]``) add the per-id counts and
-    write their exclusive prefix sums. Arguments are checked by the caller."""
+    """Fill ``weights`` / ``ids`` (contiguous ``[T, top_k + n_shared]``).
+
+    With ``eplb = (state, policy)`` also add the load into ``state.expert_load_view``;
+    with ``count_outputs = (counts, offsets)`` (zeroed int32 ``[B]`` and ``[B + 1]``)
+    add the per-id counts and write their exclusive prefix sums. Arguments are
+    checked by the caller."""
     # Sizes that become constexprs are made concrete (under dynamic shapes this
     # specializes them, as the kernel must); the token count stays symbolic.
     num_tokens = router_logits.shape[0]

@@ -410,6 +410,30 @@ def test_opcheck_route_counted(eplb):
     torch.library.opcheck(torch.ops.moe_compile.route_counted.default, args)
 
 
+def test_compiled_route_counted_equals_eager_and_updates_the_load():
+    generator = torch.Generator().manual_seed(8)
+    config = CONFIGS[5]
+    state, num_physical = make_state(config, generator)
+    eager_state = clone_state(state)
+    bias = config.make_bias(generator)
+
+    def step(logits, state):
+        return custom_ops.route_counted(
+            logits, config.top_k, num_physical, state, e_score_correction_bias=bias,
+            scoring_func=config.scoring_func, routed_scaling_factor=config.scale,
+            num_expert_group=config.groups, topk_group=config.topk_group,
+        )  # fmt: skip
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for num_tokens in (5, 11):
+        logits = make_logits(config, num_tokens, generator, ties=True)
+        got, expected = compiled(logits, state), step(logits, eager_state)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(state.expert_load_view, eager_state.expert_load_view)
+    assert int(state.expert_load_view.sum()) == 16 * config.top_k
+
+
 def test_route_counted_bad_arguments_raise():
     logits = torch.randn(3, 8)
     with pytest.raises(ValueError, match="num_count_bins must be a positive int"):
