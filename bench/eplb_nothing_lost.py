@@ -43,10 +43,22 @@ import torch.distributed as dist
 from torch import nn
 
 try:
-    from moe_compile import EplbState, EplbTransferError, FusedMoE, Int8WeightOnlyFusedMoEMethod
+    from moe_compile import (
+        EplbLayerState,
+        EplbState,
+        EplbTransferError,
+        FusedMoE,
+        Int8WeightOnlyFusedMoEMethod,
+    )
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from moe_compile import EplbState, EplbTransferError, FusedMoE, Int8WeightOnlyFusedMoEMethod
+    from moe_compile import (
+        EplbLayerState,
+        EplbState,
+        EplbTransferError,
+        FusedMoE,
+        Int8WeightOnlyFusedMoEMethod,
+    )
 
 DEFAULT_CONFIG = {
     "device": "cpu",
@@ -120,7 +132,7 @@ def nothing_lost_worker(rank: int, world_size: int, overrides: dict | None = Non
             top_k,
             hidden_size,
             inter,
-            enable_eplb=True,
+            eplb_state=EplbLayerState(),
             num_redundant_experts=cfg["num_redundant_experts"],
             ep_size=world_size,
             ep_rank=rank,

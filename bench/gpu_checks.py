@@ -45,7 +45,7 @@ class DeepSeekStyleModel(torch.nn.Module):
                 topk_group=4,
                 e_score_correction_bias=torch.randn(NUM_EXPERTS) * 0.01,
                 routed_scaling_factor=2.5,
-                enable_eplb=True,
+                eplb_state=mc.EplbLayerState(),
                 num_redundant_experts=NUM_REDUNDANT,
                 params_dtype=torch.bfloat16,
             )

@@ -102,7 +102,7 @@ class MoELayer(nn.Module):
             use_grouped_topk=shape["groups"] is not None,
             num_expert_group=shape["groups"],
             topk_group=shape["topk_group"],
-            enable_eplb=True,
+            eplb_state=mc.EplbLayerState(),
             num_redundant_experts=shape["redundant"],
             params_dtype=dtype,
             device=device,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import moe_compile as mc
-from moe_compile.eplb import balancedness, rebalance
+from moe_compile.eplb import EplbLayerState, balancedness, rebalance
 
 BACKENDS = ("inductor", "passes")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,7 +133,7 @@ class MoEBlock(nn.Module):
             use_grouped_topk=True,
             num_expert_group=config.num_expert_group,
             topk_group=config.topk_group,
-            enable_eplb=True,
+            eplb_state=EplbLayerState(),
             num_redundant_experts=config.num_redundant_experts,
             params_dtype=DTYPES[config.dtype],
         )

@@ -35,7 +35,9 @@ class FusedMoE(nn.Module):
     methods may add per-expert scales or use another layout). Slot ``s <
     local_num_experts`` holds global physical expert ``local_expert_ids[s]``.
 
-    EPLB is on exactly when ``self.eplb_state is not None``; then the router
+    EPLB is on exactly when ``self.eplb_state is not None``: pass ``eplb_state=
+    EplbLayerState()`` (its tensors are bound later, by :meth:`set_eplb_state` or
+    ``EplbState.from_model``); then the router
     emits physical ids in ``[0, global_num_experts)`` and counts their load
     (``global_num_experts = num_experts + num_redundant_experts``). Without
     EPLB, ids are logical = global ids in ``[0, num_experts)``.
@@ -77,7 +79,7 @@ class FusedMoE(nn.Module):
         routing_simulation_strategy: str | None = None,
         indices_dtype: torch.dtype | None = None,
         eplb_replica_policy: str = "token_hash",
-        enable_eplb: bool = False,
+        eplb_state: EplbLayerState | None = None,
         num_redundant_experts: int = 0,
         ep_size: int = 1,
         ep_rank: int = 0,
@@ -116,18 +118,22 @@ class FusedMoE(nn.Module):
         check_activation(activation)
         check_experts_impl(experts_impl)
         global_num_experts = num_experts + num_redundant_experts
-        if num_redundant_experts > 0 and not enable_eplb:
+        if eplb_state is not None and not isinstance(eplb_state, EplbLayerState):
             raise ValueError(
-                f"num_redundant_experts={num_redundant_experts} needs enable_eplb=True "
-                "(redundant experts are EPLB replicas)"
+                f"eplb_state must be an EplbLayerState or None, got {type(eplb_state).__name__}"
             )
-        if enable_eplb and ep_size > 1 and global_num_experts % ep_size != 0:
+        if num_redundant_experts > 0 and eplb_state is None:
+            raise ValueError(
+                f"num_redundant_experts={num_redundant_experts} needs an eplb_state "
+                "(redundant experts are EPLB replicas): pass eplb_state=EplbLayerState()"
+            )
+        if eplb_state is not None and ep_size > 1 and global_num_experts % ep_size != 0:
             raise ValueError(
                 f"with EPLB, the {global_num_experts} physical experts (num_experts={num_experts} "
                 f"+ num_redundant_experts={num_redundant_experts}) must divide evenly over "
                 f"ep_size={ep_size}"
             )
-        if enable_eplb and ep_size > 1 and expert_placement != "linear":
+        if eplb_state is not None and ep_size > 1 and expert_placement != "linear":
             raise ValueError(
                 f"EPLB moves experts between contiguous per-rank blocks; expert_placement="
                 f"{expert_placement!r} is only supported without EPLB"
@@ -138,11 +144,11 @@ class FusedMoE(nn.Module):
             raise ValueError(
                 f"quant_method must be a FusedMoEMethodBase, got {type(quant_method).__name__}"
             )
-        if enable_eplb and not quant_method.supports_eplb:
+        if eplb_state is not None and not quant_method.supports_eplb:
             raise ValueError(
                 f"quantization method {type(quant_method).__name__} ({quant_method.name!r}) "
                 "does not support EPLB (supports_eplb=False); construct the layer with "
-                "enable_eplb=False or use another method"
+                "eplb_state=None or use another method"
             )
         if ep_size > 1 and dist.is_available() and dist.is_initialized():
             group_size = dist.get_world_size(ep_group)
@@ -168,7 +174,7 @@ class FusedMoE(nn.Module):
         self.params_dtype = params_dtype
         self.num_fused_shared_experts = num_fused_shared_experts
         self.quant_method = quant_method
-        self.eplb_state: EplbLayerState | None = EplbLayerState() if enable_eplb else None
+        self.eplb_state: EplbLayerState | None = eplb_state
 
         placement = ExpertMapManager(global_num_experts, ep_size, expert_placement)
         self.local_expert_ids: list[int] = placement.local_expert_ids(ep_rank)
@@ -234,7 +240,9 @@ class FusedMoE(nn.Module):
     ) -> None:
         """Point this layer's EPLB state at row ``moe_layer_idx`` of the model-wide tensors."""
         if self.eplb_state is None:
-            raise ValueError("set_eplb_state needs EPLB; construct the layer with enable_eplb=True")
+            raise ValueError(
+                "set_eplb_state needs EPLB; construct the layer with eplb_state=EplbLayerState()"
+            )
         self.eplb_state.set_layer_state(
             moe_layer_idx, expert_load_view, logical_to_physical_map, logical_replica_count
         )

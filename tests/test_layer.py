@@ -246,7 +246,7 @@ def test_eplb_with_replicas_equals_eplb_off(case_name, policy):
         K,
         H,
         INTER,
-        enable_eplb=True,
+        eplb_state=EplbLayerState(),
         num_redundant_experts=6,
         eplb_replica_policy=policy,
         **case.kwargs,
@@ -270,16 +270,17 @@ def test_eplb_with_replicas_equals_eplb_off(case_name, policy):
 
 def test_eplb_state_is_the_only_switch():
     off = FusedMoE(E, K, H, INTER)
-    on = FusedMoE(E, K, H, INTER, enable_eplb=True)
+    state = EplbLayerState()
+    on = FusedMoE(E, K, H, INTER, eplb_state=state)
     assert off.eplb_state is None and off.router.eplb_state is None
-    assert isinstance(on.eplb_state, EplbLayerState) and on.router.eplb_state is on.eplb_state
+    assert on.eplb_state is state and on.router.eplb_state is state
     assert not hasattr(off, "enable_eplb") and not hasattr(on, "enable_eplb")
-    with pytest.raises(ValueError, match="enable_eplb=True"):
+    with pytest.raises(ValueError, match=r"eplb_state=EplbLayerState\(\)"):
         off.set_eplb_state(0, torch.zeros(1, E), torch.zeros(1, E, 1), torch.ones(1, E))
 
 
 def test_set_eplb_state_keeps_views_of_the_model_wide_tensors():
-    layer = FusedMoE(E, K, H, INTER, enable_eplb=True)
+    layer = FusedMoE(E, K, H, INTER, eplb_state=EplbLayerState())
     load = torch.zeros(3, E, dtype=torch.int32)
     l2p = torch.arange(E).repeat(3, 1)[:, :, None]
     counts = torch.ones(3, E, dtype=torch.long)
@@ -292,22 +293,23 @@ def test_set_eplb_state_keeps_views_of_the_model_wide_tensors():
     assert layer.eplb_state.logical_to_physical_map[0, 0] == E - 1
 
 
-@pytest.mark.parametrize("enable_eplb", [False, True])
+@pytest.mark.parametrize("with_eplb", [False, True])
 @pytest.mark.parametrize("case_name", ["topk_softmax", "shared_routed", "zero_expert"])
-def test_empty_batch(case_name, enable_eplb):
+def test_empty_batch(case_name, with_eplb):
     case = ROUTER_CASES[case_name]
-    layer = FusedMoE(E, K, H, INTER, enable_eplb=enable_eplb, **case.kwargs)
-    if enable_eplb:
+    eplb_state = EplbLayerState() if with_eplb else None
+    layer = FusedMoE(E, K, H, INTER, eplb_state=eplb_state, **case.kwargs)
+    if with_eplb:
         load = attach_eplb(layer, torch.arange(E)[:, None], torch.ones(E, dtype=torch.long))
     x, logits = make_inputs(0, case.num_logits)
     out = layer(x, logits)
     assert out.shape == (0, H)
-    if enable_eplb:
+    if with_eplb:
         assert int(load.sum()) == 0
 
 
 def test_get_expert_weights_are_writable_views():
-    layer = FusedMoE(E, K, H, INTER, enable_eplb=True, num_redundant_experts=2)
+    layer = FusedMoE(E, K, H, INTER, eplb_state=EplbLayerState(), num_redundant_experts=2)
     views = layer.get_expert_weights()
     assert [tuple(v.shape) for v in views] == [(E + 2, 2 * INTER * H), (E + 2, H * INTER)]
     views[0][3].fill_(1.5)
@@ -317,7 +319,9 @@ def test_get_expert_weights_are_writable_views():
 
 
 def test_shared_experts_are_extra_slots_not_moved_by_eplb():
-    layer = FusedMoE(E, K, H, INTER, enable_eplb=True, num_fused_shared_experts=NUM_SHARED)
+    layer = FusedMoE(
+        E, K, H, INTER, eplb_state=EplbLayerState(), num_fused_shared_experts=NUM_SHARED
+    )
     assert layer.w13_weight.shape[0] == E + NUM_SHARED
     assert [v.shape[0] for v in layer.get_expert_weights()] == [E, E]
     w13, w2 = make_weights(E + NUM_SHARED)
@@ -328,7 +332,7 @@ def test_shared_experts_are_extra_slots_not_moved_by_eplb():
 def test_load_logical_weights_default_layout_and_rank_slice():
     w13, w2 = make_weights(E)
     layer = FusedMoE(
-        E, K, H, INTER, enable_eplb=True, num_redundant_experts=4, ep_size=4, ep_rank=3
+        E, K, H, INTER, eplb_state=EplbLayerState(), num_redundant_experts=4, ep_size=4, ep_rank=3
     )
     assert layer.local_expert_ids == [15, 16, 17, 18, 19]
     assert layer.expert_map.tolist() == [-1] * 15 + [0, 1, 2, 3, 4]
@@ -348,22 +352,22 @@ def test_load_logical_weights_default_layout_and_rank_slice():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_redundant_experts": 2}, r"num_redundant_experts=2 needs enable_eplb=True"),
+        ({"num_redundant_experts": 2}, r"num_redundant_experts=2 needs an eplb_state"),
         (
-            {"enable_eplb": True, "num_redundant_experts": 3, "ep_size": 2},
+            {"eplb_state": EplbLayerState(), "num_redundant_experts": 3, "ep_size": 2},
             r"19 physical experts .*num_experts=16.*num_redundant_experts=3.*ep_size=2",
         ),
         (
-            {"enable_eplb": True, "quant_method": Int4PairPackedFusedMoEMethod()},
+            {"eplb_state": EplbLayerState(), "quant_method": Int4PairPackedFusedMoEMethod()},
             r"Int4PairPackedFusedMoEMethod.*does not support EPLB",
         ),
         ({"ep_size": 2, "ep_rank": 2}, r"ep_rank must be in \[0, ep_size=2\), got 2"),
         ({"ep_size": 0}, "ep_size must be a positive int"),
-        ({"num_redundant_experts": -1, "enable_eplb": True}, "num_redundant_experts"),
+        ({"num_redundant_experts": -1, "eplb_state": EplbLayerState()}, "num_redundant_experts"),
         ({"activation": "relu"}, "unknown activation 'relu'"),
         ({"expert_placement": "blocked", "ep_size": 2}, "unknown expert placement 'blocked'"),
         (
-            {"enable_eplb": True, "ep_size": 2, "expert_placement": "round_robin"},
+            {"eplb_state": EplbLayerState(), "ep_size": 2, "expert_placement": "round_robin"},
             "round_robin",
         ),
         ({"experts_impl": "triton"}, "unknown experts_impl 'triton'"),
@@ -389,7 +393,9 @@ def test_bad_sizes_raise():
 
 
 def test_eplb_accepts_quant_methods_that_support_it():
-    layer = FusedMoE(E, K, H, INTER, enable_eplb=True, quant_method=Int8WeightOnlyFusedMoEMethod())
+    layer = FusedMoE(
+        E, K, H, INTER, eplb_state=EplbLayerState(), quant_method=Int8WeightOnlyFusedMoEMethod()
+    )
     assert layer.eplb_state is not None
 
 
@@ -400,7 +406,9 @@ def test_compiles_whole_with_eplb_and_dynamic_token_counts(case_name):
     l2p, counts, num_physical = random_replica_layout(E, 4, torch.Generator().manual_seed(5))
     layers, loads = [], []
     for _ in range(2):
-        layer = FusedMoE(E, K, H, INTER, enable_eplb=True, num_redundant_experts=4, **case.kwargs)
+        layer = FusedMoE(
+            E, K, H, INTER, eplb_state=EplbLayerState(), num_redundant_experts=4, **case.kwargs
+        )
         layer.load_logical_weights(*make_weights(case.num_sources))
         loads.append(attach_eplb(layer, l2p, counts))
         layers.append(layer)

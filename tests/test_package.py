@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moe_compile
-from moe_compile import EplbLayerState
+from moe_compile import EplbLayerState, FusedMoE
 from moe_compile.router import (
     BaseRouter,
     CustomRoutingRouter,
@@ -82,7 +82,8 @@ def test_mapping_signature():
 
 
 @pytest.mark.parametrize(
-    "callable_", [*ROUTER_CLASSES, BaseRouter, create_fused_moe_router, EplbLayerState]
+    "callable_",
+    [*ROUTER_CLASSES, BaseRouter, create_fused_moe_router, EplbLayerState, FusedMoE],
 )
 def test_no_enable_eplb_parameter(callable_):
     target = callable_.__init__ if inspect.isclass(callable_) else callable_

@@ -6,7 +6,7 @@ import pytest
 import torch
 from gloo_helpers import run_on_ranks
 
-from moe_compile import FusedMoE, Int8WeightOnlyFusedMoEMethod
+from moe_compile import EplbLayerState, FusedMoE, Int8WeightOnlyFusedMoEMethod
 
 H, INTER, K = 16, 8, 2
 NUM_TOKENS = 29
@@ -31,13 +31,13 @@ SCENARIOS = {
     "round_robin_uneven": {"num_experts": 10, "kwargs": {"expert_placement": "round_robin"}},
     "eplb_replicas": {
         "num_experts": 8,
-        "kwargs": {"enable_eplb": True, "num_redundant_experts": 4},
+        "kwargs": {"eplb_state": EplbLayerState(), "num_redundant_experts": 4},
         "eplb": EPLB_PHYSICAL_TO_LOGICAL,
     },
     "eplb_int8": {
         "num_experts": 8,
         "kwargs": {
-            "enable_eplb": True,
+            "eplb_state": EplbLayerState(),
             "num_redundant_experts": 4,
             "quant_method": Int8WeightOnlyFusedMoEMethod(),
             "eplb_replica_policy": "modulo",

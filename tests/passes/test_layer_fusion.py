@@ -22,7 +22,7 @@ class TinyMoEModel(torch.nn.Module):
                 32,
                 scoring_func="sigmoid",
                 e_score_correction_bias=torch.zeros(NUM_EXPERTS),
-                enable_eplb=True,
+                eplb_state=mc.EplbLayerState(),
                 num_redundant_experts=2,
             )
             for _ in range(num_layers)

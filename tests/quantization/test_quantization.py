@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_compile import (
+    EplbLayerState,
     FusedMoE,
     FusedMoEMethodBase,
     Int4PairPackedFusedMoEMethod,
@@ -131,7 +132,9 @@ def test_supports_eplb_flags():
 
 def test_method_without_eplb_support_is_refused_with_eplb_and_cannot_expose_experts():
     with pytest.raises(ValueError, match="Int4PairPackedFusedMoEMethod.*int4_pair_packed"):
-        FusedMoE(E, K, H, INTER, enable_eplb=True, quant_method=Int4PairPackedFusedMoEMethod())
+        FusedMoE(
+            E, K, H, INTER, eplb_state=EplbLayerState(), quant_method=Int4PairPackedFusedMoEMethod()
+        )
     layer = FusedMoE(E, K, H, INTER, quant_method=Int4PairPackedFusedMoEMethod())
     with pytest.raises(ValueError, match="cannot be moved one at a time"):
         layer.get_expert_weights()
@@ -143,7 +146,7 @@ def test_int8_expert_weights_include_scales_as_writable_views():
         K,
         H,
         INTER,
-        enable_eplb=True,
+        eplb_state=EplbLayerState(),
         num_redundant_experts=2,
         quant_method=Int8WeightOnlyFusedMoEMethod(),
     )
@@ -168,7 +171,7 @@ def test_quantized_weights_move_with_eplb_like_any_other():
         K,
         H,
         INTER,
-        enable_eplb=True,
+        eplb_state=EplbLayerState(),
         num_redundant_experts=2,
         quant_method=Int8WeightOnlyFusedMoEMethod(),
     )
