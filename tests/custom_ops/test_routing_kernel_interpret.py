@@ -300,27 +300,20 @@ def _run_case(
                 should_record_tensor=state.should_record_tensor,
                 num_unpadded_tokens=state.num_unpadded_tokens,
             )
+            state_args = (
+                state.logical_to_physical_map,
+                state.logical_replica_count,
+                state.expert_load_view,
+                state.should_record_tensor,
+                state.num_unpadded_tokens,
+                policy,
+            )
             if via_op and count_bins:
                 weights, ids, counts, offsets = torch.ops.moe_compile.route_counted(
-                    *args,
-                    state.logical_to_physical_map,
-                    state.logical_replica_count,
-                    state.expert_load_view,
-                    state.should_record_tensor,
-                    state.num_unpadded_tokens,
-                    policy,
-                    count_bins,
+                    *args, *state_args, count_bins
                 )
             elif via_op:
-                weights, ids = torch.ops.moe_compile.route_eplb(
-                    *args,
-                    state.logical_to_physical_map,
-                    state.logical_replica_count,
-                    state.expert_load_view,
-                    state.should_record_tensor,
-                    state.num_unpadded_tokens,
-                    policy,
-                )
+                weights, ids = torch.ops.moe_compile.route_eplb(*args, *state_args)
             elif count_bins:
                 weights, ids, counts, offsets = routing._route_triton(
                     *args, eplb=(state, policy), num_count_bins=count_bins
