@@ -118,11 +118,11 @@ def _rebuild(source: str) -> torch.fx.GraphModule:
         return graph.create_node("output", "output", (result,), name="output")
 
     exec(source, {**_CODE_GLOBALS, "p": placeholder, "c": call, "o": output})
-    return _graph_module_cls()(torch.nn.Module(), graph)
+    return graph_module_cls()(torch.nn.Module(), graph)
 
 
 @functools.cache
-def _graph_module_cls() -> type[torch.fx.GraphModule]:
+def graph_module_cls() -> type[torch.fx.GraphModule]:
     """A pattern graph is read, never run: the lazy module skips generating its
     Python code, a third of what registering a stored pattern costs."""
     try:

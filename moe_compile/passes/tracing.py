@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.utils._pytree as pytree
@@ -64,6 +66,52 @@ def register_pattern(search_fn, replace_fn, example_inputs, pass_dict, **options
     key = pattern_store.pattern_key(
         options.get("pattern_name"), example_inputs, options.get("scalar_workaround")
     )
-    trace_fn = pattern_store.trace_fn_for(key, trace_post_grad)
+    trace_fn = _RecheckCache(pattern_store.trace_fn_for(key, trace_post_grad))
     supported = {k: v for k, v in options.items() if k in _REPLACEMENT_PARAMETERS}
     register_replacement(search_fn, replace_fn, example_inputs, trace_fn, pass_dict, **supported)
+
+
+def _spec(value) -> object:
+    if isinstance(value, torch.Tensor):
+        return (
+            tuple(str(s) for s in value.shape),
+            tuple(str(s) for s in value.stride()),
+            value.dtype,
+            value.device,
+        )
+    if isinstance(value, torch.SymInt):
+        return ("SymInt", str(value))
+    return (type(value), repr(value))
+
+
+class _RecheckCache:
+    """A pattern's traces with fake tensors happen once per fake mode, function and
+    argument metadata.
+
+    The matcher re-traces the search function for every candidate match with
+    fake tensors of the match's shapes. The repeated identical layers of a
+    whole-model graph give identical traces, so later ones copy the first
+    (a copy: the matcher renames the placeholders of what it gets)."""
+
+    def __init__(self, trace: Callable):
+        self._trace = trace
+        self._by_mode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __call__(self, fn, args, **kwargs):
+        fake_mode = detect_fake_mode(pytree.tree_leaves(args))
+        if fake_mode is None:
+            return self._trace(fn, args, **kwargs)
+        cache = self._by_mode.setdefault(fake_mode, {})
+        # The search function and the replacement both come through here.
+        code = getattr(fn, "__code__", fn)
+        key = (code, tuple(_spec(a) for a in pytree.tree_leaves(args)), tuple(sorted(kwargs)))
+        if key not in cache:
+            cache[key] = self._trace(fn, args, **kwargs)
+        return _copy(cache[key])
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return pattern_store.graph_module_cls()(gm, graph)
