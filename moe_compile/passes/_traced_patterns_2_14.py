@@ -5,7 +5,7 @@
 # ruff: noqa
 
 TORCH_VERSION = '2.14.0'
-SOURCES_SHA256 = '888a8c7ddf9b14cb402a1b05334e211667258cb58041b5c165f38fd41b822ea0'
+SOURCES_SHA256 = 'b0c11b28ea18493a1149803f23a88cea09ad9a26c0f5008e09850fc171c69ffe'
 
 GRAPHS = {
     'eplb_modulo_padded(int32[13, 6], int32[32, 3], int32[32], int32[40], bool[], int64[]; )': """\

@@ -12,6 +12,7 @@ from torch._guards import detect_fake_mode
 from torch._inductor.fx_passes.joint_graph import constant_fold_uniform_value
 from torch._inductor.fx_passes.post_grad import remove_noop_ops, view_to_reshape
 from torch._inductor.pattern_matcher import fwd_only, register_replacement
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import pattern_store
 
@@ -66,7 +67,7 @@ def register_pattern(search_fn, replace_fn, example_inputs, pass_dict, **options
     key = pattern_store.pattern_key(
         options.get("pattern_name"), example_inputs, options.get("scalar_workaround")
     )
-    trace_fn = _RecheckCache(pattern_store.trace_fn_for(key, trace_post_grad))
+    trace_fn = _RecheckCache(pattern_store.trace_fn_for(key, trace_post_grad), example_inputs)
     supported = {k: v for k, v in options.items() if k in _REPLACEMENT_PARAMETERS}
     register_replacement(search_fn, replace_fn, example_inputs, trace_fn, pass_dict, **supported)
 
@@ -84,27 +85,46 @@ def _spec(value) -> object:
     return (type(value), repr(value))
 
 
+def _float_casts(values) -> list[bool]:
+    """For each floating-point tensor: whether a pattern reads it through a cast to float32."""
+    return [
+        t.dtype != torch.float32
+        for t in pytree.tree_leaves(values)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+
+
 class _RecheckCache:
-    """A pattern's traces with fake tensors happen once per fake mode, function and
-    argument metadata.
+    """A pattern's traces with fake tensors: once per fake mode, function and argument
+    metadata, and none where the dtypes rule the match out.
 
     The matcher re-traces the search function for every candidate match with
     fake tensors of the match's shapes. The repeated identical layers of a
     whole-model graph give identical traces, so later ones copy the first
-    (a copy: the matcher renames the placeholders of what it gets)."""
+    (a copy: the matcher renames the placeholders of what it gets). A variant
+    traced from float32 logits or bias has no cast where one traced from 16-bit
+    ones has one, so where a floating input needs a cast and the example's did
+    not (or the other way round) the re-trace cannot match: a ``RuntimeError``
+    tells the matcher so without tracing. (Integer inputs are not judged: an
+    int64 load counter matches the pattern traced with an int32 one.)"""
 
-    def __init__(self, trace: Callable):
+    def __init__(self, trace: Callable, example_inputs):
         self._trace = trace
+        self._example_casts = _float_casts(example_inputs)
         self._by_mode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __call__(self, fn, args, **kwargs):
-        fake_mode = detect_fake_mode(pytree.tree_leaves(args))
-        if fake_mode is None:
+        leaves = pytree.tree_leaves(args)
+        fakes = [a for a in leaves if isinstance(a, FakeTensor)]
+        if not fakes:
             return self._trace(fn, args, **kwargs)
-        cache = self._by_mode.setdefault(fake_mode, {})
+        casts = _float_casts(leaves)
+        if len(casts) == len(self._example_casts) and casts != self._example_casts:
+            raise RuntimeError("the inputs' dtypes rule this pattern variant out")
+        cache = self._by_mode.setdefault(fakes[0].fake_mode, {})
         # The search function and the replacement both come through here.
         code = getattr(fn, "__code__", fn)
-        key = (code, tuple(_spec(a) for a in pytree.tree_leaves(args)), tuple(sorted(kwargs)))
+        key = (code, tuple(_spec(a) for a in leaves), tuple(sorted(kwargs)))
         if key not in cache:
             cache[key] = self._trace(fn, args, **kwargs)
         return _copy(cache[key])
