@@ -63,3 +63,32 @@ def test_whole_model_fuses_every_layer_and_matches_eager():
     assert graph.applied["route_eplb"] == 2
     assert graph.ops_after["auto_functionalized(moe_compile.route_eplb)"] == 2
     assert "aten.sort" not in graph.after
+
+
+@torch.no_grad()
+def test_identical_layers_share_their_pattern_traces(monkeypatch):
+    """The pass traces each candidate pattern once per argument metadata: a model of
+    four identical layers costs the pass no more traces than a model of two."""
+    from moe_compile.passes import pattern_store
+
+    traced = []
+    original = pattern_store._StoredFirstTrace.__call__
+
+    def counting(self, fn, args, **kwargs):
+        traced.append(fn)
+        return original(self, fn, args, **kwargs)
+
+    monkeypatch.setattr(pattern_store._StoredFirstTrace, "__call__", counting)
+    counts = {}
+    for num_layers in (1, 2, 4):  # the first registers the patterns, if no test did
+        torch._dynamo.reset()
+        traced.clear()
+        model = TinyMoEModel(num_layers)
+        mc.EplbState.from_model(model, num_redundant_experts=2)
+        backend = PassTestBackend()
+        hidden = torch.randn(13, HIDDEN)
+        mc.mark_dynamic_tokens(hidden)
+        torch.compile(model, backend=backend, fullgraph=True)(hidden)
+        assert backend.graphs[0].applied["route_eplb"] == num_layers
+        counts[num_layers] = len(traced)
+    assert counts[2] > 0 and counts[4] == counts[2]
