@@ -380,10 +380,9 @@ def _selection_keys(
     keys = ()
     for j in tl.static_range(len(x)):
         if SCORING == 0:
-            if HAS_BIAS:
-                score = tl.math.div_rn(numerators[j], row_sum[:, None])
-            else:
-                score = numerators[j]  # orders like numerator / row_sum
+            # Divided even where only the order matters: distinct numerators can
+            # round to equal scores, which eager then orders by index.
+            score = tl.math.div_rn(numerators[j], row_sum[:, None])
         else:
             score = _elementwise_score(x[j], SCORING, PRECISE_MATH)
         if HAS_BIAS:
