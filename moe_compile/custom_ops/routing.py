@@ -132,8 +132,9 @@ def check_eplb_args(
     should_record: torch.Tensor,
     num_unpadded_tokens: torch.Tensor | None,
     replica_policy: str,
-) -> None:
-    """Shape / dtype / device checks of the EPLB arguments (no host sync)."""
+) -> EplbLayerState:
+    """Shape / dtype / device checks of the EPLB arguments (no host sync); the
+    ``EplbLayerState`` they make."""
     if replica_policy not in REPLICA_POLICIES:
         raise ValueError(
             f"unknown EPLB replica policy {replica_policy!r}; expected one of {REPLICA_POLICIES}"
@@ -181,6 +182,13 @@ def check_eplb_args(
             raise ValueError(
                 f"{name} is on {tensor.device} but router_logits on {router_logits.device}"
             )
+    return EplbLayerState(
+        expert_load_view=load,
+        logical_to_physical_map=l2p,
+        logical_replica_count=counts,
+        should_record_tensor=should_record,
+        num_unpadded_tokens=num_unpadded_tokens,
+    )
 
 
 def check_eplb_map(
@@ -488,7 +496,7 @@ def _route_eplb_op(
         num_fused_shared_experts,
         indices_dtype,
     )
-    check_eplb_args(
+    state = check_eplb_args(
         router_logits,
         num_routed,
         logical_to_physical_map,
@@ -497,13 +505,6 @@ def _route_eplb_op(
         should_record,
         num_unpadded_tokens,
         replica_policy,
-    )
-    state = EplbLayerState(
-        expert_load_view=expert_load_view,
-        logical_to_physical_map=logical_to_physical_map,
-        logical_replica_count=logical_replica_count,
-        should_record_tensor=should_record,
-        num_unpadded_tokens=num_unpadded_tokens,
     )
     if use_triton_kernel(router_logits.device, num_routed, num_expert_group):
         return _route_triton(*args, eplb=(state, replica_policy))
@@ -595,7 +596,7 @@ def _check_counted_args(
             "route_counted takes either no EPLB tensors or all of logical_to_physical_map, "
             "logical_replica_count, expert_load_view and should_record"
         )
-    check_eplb_args(
+    return check_eplb_args(
         router_logits,
         num_routed,
         logical_to_physical_map,
@@ -604,13 +605,6 @@ def _check_counted_args(
         should_record,
         num_unpadded_tokens,
         replica_policy,
-    )
-    return EplbLayerState(
-        expert_load_view=expert_load_view,
-        logical_to_physical_map=logical_to_physical_map,
-        logical_replica_count=logical_replica_count,
-        should_record_tensor=should_record,
-        num_unpadded_tokens=num_unpadded_tokens,
     )
 
 
