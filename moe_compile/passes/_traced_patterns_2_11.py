@@ -5,7 +5,7 @@
 # ruff: noqa
 
 TORCH_VERSION = '2.11.0'
-SOURCES_SHA256 = 'b0c11b28ea18493a1149803f23a88cea09ad9a26c0f5008e09850fc171c69ffe'
+SOURCES_SHA256 = '23b99d89a7ee175d000c3f6d3243b0f97c2a183e90deb24289cba3d25758349c'
 
 GRAPHS = {
     'eplb_modulo_padded(int32[13, 6], int32[32, 3], int32[32], int32[40], bool[], int64[]; )': """\

@@ -362,8 +362,15 @@ _SCORING_NEEDS = {
 }
 
 
-def _group(variant: RoutingVariant) -> tuple[str, str, bool]:
-    return variant.family, variant.scoring_func, variant.scale_input
+@functools.cache
+def _variants_by_group() -> dict[tuple[str, str, bool], list[RoutingVariant]]:
+    """Every variant under its group (family, scoring function, scale as an input),
+    groups and members in ``routing_variants`` order."""
+    groups: dict[tuple[str, str, bool], list[RoutingVariant]] = {}
+    for variant in routing_variants():
+        key = (variant.family, variant.scoring_func, variant.scale_input)
+        groups.setdefault(key, []).append(variant)
+    return groups
 
 
 def _has_float_scalar_input(graph: torch.fx.Graph) -> bool:
@@ -387,17 +394,16 @@ class _LazyRoutingPatterns:
     def for_graph(self, graph: torch.fx.Graph) -> PatternMatcherPass:
         targets = {node.target for node in graph.nodes if node.op == "call_function"}
         scale_input = _has_float_scalar_input(graph)
-        for variant in routing_variants():
-            group = _group(variant)
+        for group, members in _variants_by_group().items():
+            family, scoring_func, needs_scale_input = group
             if group in self.registered or not (
-                _FAMILY_NEEDS[variant.family] in targets
-                and _SCORING_NEEDS[variant.scoring_func] in targets
-                and (scale_input or not variant.scale_input)
+                _FAMILY_NEEDS[family] in targets
+                and _SCORING_NEEDS[scoring_func] in targets
+                and (scale_input or not needs_scale_input)
             ):
                 continue
-            for member in routing_variants():
-                if _group(member) == group:
-                    self._register(member)
+            for member in members:
+                self._register(member)
             self.registered.add(group)
         return self.patterns
 
