@@ -3,7 +3,8 @@
 Importing this package registers them: ``moe_compile::route``,
 ``moe_compile::route_eplb`` (routing [+ EPLB remap + load count], one Triton
 kernel on CUDA), ``moe_compile::route_counted`` (either, plus per-expert counts
-and offsets for a grouped GEMM) and ``moe_compile::eplb_remap``.
+and offsets for a grouped GEMM), ``moe_compile::route_zero_experts`` (routing
+with LongCat-style zero experts [+ EPLB]) and ``moe_compile::eplb_remap``.
 """
 
 from . import eplb_remap
@@ -14,6 +15,8 @@ from .routing import (
     route_counted,
     route_eplb,
     route_reference,
+    route_zero_experts,
+    route_zero_experts_reference,
     use_triton_kernel,
 )
 
@@ -25,5 +28,7 @@ __all__ = [
     "route_counted",
     "route_eplb",
     "route_reference",
+    "route_zero_experts",
+    "route_zero_experts_reference",
     "use_triton_kernel",
 ]

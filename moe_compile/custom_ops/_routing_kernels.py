@@ -1,4 +1,4 @@
-"""The Triton kernel behind ``moe_compile::route`` and ``moe_compile::route_eplb`` (private).
+"""The Triton kernel behind the ``moe_compile::route*`` ops (private).
 
 Layout. A program routes ``BLOCK_T`` tokens per tile and loops over tiles. A
 token's row of experts is spread over ``LANES`` threads; each lane holds
@@ -38,10 +38,9 @@ correction bias, as DeepSeek-V3 does) over its members in all lanes, keeps the
 ``TOPK_GROUP`` best groups (lower group on ties) and clears the other groups'
 keys before the sort.
 
-After the selection the chosen experts pass through the weights buffer, which
-spreads a row's ``TOP_K`` slots over the threads for the per-slot work:
-weights from the logits re-read at the chosen ids, shared-expert columns and,
-with EPLB, the physical ids. The load is counted into a per-program histogram
+After the selection, per chosen slot: the weight from the logit re-read at the
+chosen id, the zero-expert masking (``NUM_REAL_EXPERTS < E_ROUTED``), with EPLB
+the physical id, then the shared-expert columns. The load is counted into a per-program histogram
 over the physical experts; each program adds it with one atomic per touched
 expert after its last tile (with EPLB the grid is a few programs per SM).
 
@@ -544,12 +543,14 @@ def _route_kernel(
     unpadded_ptr,
     counts_ptr,
     offsets_ptr,
+    zero_weight_ptr,
     num_tokens,
     num_physical,
     num_count_bins,
     max_replicas,
     routed_scaling_factor,
     E_ROUTED: tl.constexpr,
+    NUM_REAL_EXPERTS: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     LANES: tl.constexpr,
@@ -693,6 +694,14 @@ def _route_kernel(
                 total = tl.maximum(total, 1e-20)
             weight = tl.math.div_rn(weight, total[:, None])
         weight = weight * routed_scaling_factor
+        if NUM_REAL_EXPERTS < E_ROUTED:
+            # Zero experts: their weight goes to a per-token output, the slot to
+            # expert 0 with weight 0, before the remap (ZeroExpertRouter's order).
+            is_zero_expert = logical >= NUM_REAL_EXPERTS
+            zero_weight = tl.sum(tl.where(is_zero_expert, weight, 0.0), axis=1)
+            tl.store(zero_weight_ptr + token, zero_weight, mask=is_token)
+            weight = tl.where(is_zero_expert, 0.0, weight)
+            logical = tl.where(is_zero_expert, 0, logical)
         tl.store(weights_ptr + token2 * OUT_WIDTH + slot, weight, mask=out_mask)
 
         # ---- EPLB: logical -> physical, and the per-program load histogram
@@ -841,14 +850,17 @@ def launch_route_kernel(
     num_fused_shared_experts: int,
     eplb=None,
     count_outputs=None,
+    zero_experts=None,
     config: RouteKernelConfig | None = None,
 ) -> None:
     """Fill ``weights`` / ``ids`` (contiguous ``[T, top_k + n_shared]``).
 
     With ``eplb = (state, policy)`` also add the load into ``state.expert_load_view``;
     with ``count_outputs = (counts, offsets)`` (zeroed int32 ``[B]`` and ``[B + 1]``)
-    add the per-id counts and write their exclusive prefix sums. Arguments are
-    checked by the caller."""
+    add the per-id counts and write their exclusive prefix sums; with
+    ``zero_experts = (num_real_experts, zero_weight)`` mask the zero experts'
+    slots and write their weight per token into ``zero_weight`` (float32 ``[T, 1]``).
+    Arguments are checked by the caller."""
     # Sizes that become constexprs are made concrete (under dynamic shapes this
     # specializes them, as the kernel must); the token count stays symbolic.
     num_tokens = router_logits.shape[0]
@@ -895,6 +907,8 @@ def launch_route_kernel(
         expert_counts = expert_offsets = dummy
         num_count_bins, count_bins = 0, 0
 
+    num_real_experts, zero_weight = zero_experts or (num_routed, dummy)
+
     num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
     if eplb is not None or count_outputs is not None:
         cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
@@ -923,12 +937,14 @@ def launch_route_kernel(
         unpadded_ptr=unpadded if unpadded is not None else dummy,
         counts_ptr=expert_counts,
         offsets_ptr=expert_offsets,
+        zero_weight_ptr=zero_weight,
         num_tokens=num_tokens,
         num_physical=num_physical,
         num_count_bins=num_count_bins,
         max_replicas=max_replicas,
         routed_scaling_factor=float(routed_scaling_factor),
         E_ROUTED=num_routed,
+        NUM_REAL_EXPERTS=num_real_experts,
         NUM_GROUPS=groups,
         GROUP_SIZE=group_size,
         LANES=lanes,

@@ -1,4 +1,4 @@
-"""``moe_compile::route`` and ``moe_compile::route_eplb``: routing [+ EPLB remap + load count] as ops.
+"""``moe_compile::route`` and its variants: routing [+ EPLB remap + load count] as ops.
 
 One call computes, from router logits ``[T, E]``: expert scores, plain or
 grouped top-k (lower index wins ties), renormalization, routed scaling and the
@@ -29,7 +29,9 @@ additions, which the eager code leaves to the caller:
   read out of bounds; a map entry outside ``[0, P)`` is returned as it is and
   never counted. :func:`check_eplb_map` reports such maps on the host
   (``route_eplb(debug=True)`` or ``MOE_COMPILE_DEBUG_MAPS=1``).
-- Zero experts (``ZeroExpertRouter``) are not part of these ops.
+- Zero experts (``ZeroExpertRouter``) have their own op, ``route_zero_experts``,
+  whose EPLB tensors are optional: the masking sits between routing and remap
+  and adds an output.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import os
 import torch
 
 from moe_compile.eplb import REPLICA_POLICIES, EplbLayerState, eplb_map_to_physical_and_record
-from moe_compile.router.custom import append_shared_experts
+from moe_compile.router.custom import append_shared_experts, mask_zero_experts
 from moe_compile.router.grouped import grouped_topk, is_degenerate_grouping
 from moe_compile.router.scoring import SCORING_FUNCS
 from moe_compile.router.topk import fused_topk, fused_topk_bias
@@ -308,6 +310,44 @@ def route_reference(
         topk_group,
         num_fused_shared_experts,
     )
+    return _remap_and_count(weights, ids, top_k, indices_dtype, eplb_state, replica_policy)
+
+
+def route_zero_experts_reference(
+    router_logits: torch.Tensor,
+    e_score_correction_bias: torch.Tensor | None,
+    top_k: int,
+    scoring_func: str,
+    renormalize: bool,
+    routed_scaling_factor: float,
+    num_expert_group: int,
+    topk_group: int,
+    indices_dtype: torch.dtype,
+    num_real_experts: int,
+    eplb_state: EplbLayerState | None = None,
+    replica_policy: str = "token_hash",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`route_reference` with the zero-expert masking of ``ZeroExpertRouter``
+    before the remap; also returns each token's weight on zero experts ``[T, 1]``."""
+    weights, ids = _logical_routing(
+        router_logits,
+        e_score_correction_bias,
+        top_k,
+        scoring_func,
+        renormalize,
+        routed_scaling_factor,
+        num_expert_group,
+        topk_group,
+        0,
+    )
+    weights, ids, zero_weight = mask_zero_experts(weights, ids, num_real_experts)
+    weights, ids = _remap_and_count(weights, ids, top_k, indices_dtype, eplb_state, replica_policy)
+    return weights, ids, zero_weight.contiguous()
+
+
+def _remap_and_count(weights, ids, top_k, indices_dtype, eplb_state, replica_policy):
+    """The routed columns' EPLB remap and load count (replica counts clamped into
+    ``[1, S]`` first, as the kernel does), then the final index dtype."""
     if eplb_state is not None:
         l2p = eplb_state.logical_to_physical_map
         clamped = EplbLayerState(
@@ -381,6 +421,7 @@ def _route_triton(
     indices_dtype,
     eplb=None,
     num_count_bins=0,
+    num_real_experts=None,
 ):
     from . import _routing_kernels
 
@@ -388,6 +429,10 @@ def _route_triton(
     width = top_k + num_fused_shared_experts
     weights = torch.empty((num_tokens, width), dtype=torch.float32, device=router_logits.device)
     ids = torch.empty((num_tokens, width), dtype=indices_dtype, device=router_logits.device)
+    zero_experts = None
+    if num_real_experts is not None:
+        zero_weight = torch.empty((num_tokens, 1), dtype=torch.float32, device=ids.device)
+        zero_experts = (num_real_experts, zero_weight)
     counts = offsets = None
     if num_count_bins:
         # Zeroed: the kernel adds into the counts and takes tickets in offsets[0].
@@ -408,9 +453,12 @@ def _route_triton(
         num_fused_shared_experts=num_fused_shared_experts,
         eplb=eplb,
         count_outputs=(counts, offsets) if num_count_bins else None,
+        zero_experts=zero_experts,
     )
     if num_count_bins:
         return weights, ids, counts, offsets
+    if zero_experts is not None:
+        return weights, ids, zero_experts[1]
     return weights, ids
 
 
@@ -556,6 +604,52 @@ def _route_counted_op(
     return weights, ids, *expert_counts_reference(ids, num_count_bins)
 
 
+@torch.library.triton_op("moe_compile::route_zero_experts", mutates_args=("expert_load_view",))
+def _route_zero_experts_op(
+    router_logits: torch.Tensor,
+    e_score_correction_bias: torch.Tensor | None,
+    top_k: int,
+    scoring_func: str,
+    renormalize: bool,
+    routed_scaling_factor: float,
+    num_expert_group: int,
+    topk_group: int,
+    indices_dtype: torch.dtype,
+    num_real_experts: int,
+    logical_to_physical_map: torch.Tensor | None,
+    logical_replica_count: torch.Tensor | None,
+    expert_load_view: torch.Tensor | None,
+    should_record: torch.Tensor | None,
+    num_unpadded_tokens: torch.Tensor | None,
+    replica_policy: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``route`` over real and zero experts (no shared experts), then the
+    ``ZeroExpertRouter`` masking, then the EPLB remap of the real experts when
+    its tensors are given. Returns ``(weights, ids, zero_expert_weight [T, 1])``."""
+    args = (
+        router_logits,
+        e_score_correction_bias,
+        top_k,
+        scoring_func,
+        renormalize,
+        routed_scaling_factor,
+        num_expert_group,
+        topk_group,
+    )
+    state = _check_zero_expert_args(*args, indices_dtype, num_real_experts,
+                                    logical_to_physical_map, logical_replica_count,
+                                    expert_load_view, should_record, num_unpadded_tokens,
+                                    replica_policy)  # fmt: skip
+    if use_triton_kernel(router_logits.device, router_logits.shape[1], num_expert_group):
+        eplb = None if state is None else (state, replica_policy)
+        return _route_triton(
+            *args, 0, indices_dtype, eplb=eplb, num_real_experts=num_real_experts
+        )
+    return route_zero_experts_reference(
+        *args, indices_dtype, num_real_experts, eplb_state=state, replica_policy=replica_policy
+    )
+
+
 def _check_counted_args(
     router_logits,
     e_score_correction_bias,
@@ -588,17 +682,91 @@ def _check_counted_args(
     )
     if num_count_bins < 1:
         raise ValueError(f"num_count_bins must be a positive int, got {num_count_bins!r}")
+    return _check_optional_eplb_args(
+        "route_counted",
+        router_logits,
+        num_routed,
+        logical_to_physical_map,
+        logical_replica_count,
+        expert_load_view,
+        should_record,
+        num_unpadded_tokens,
+        replica_policy,
+    )
+
+
+def _check_optional_eplb_args(
+    op_name,
+    router_logits,
+    num_logical,
+    logical_to_physical_map,
+    logical_replica_count,
+    expert_load_view,
+    should_record,
+    num_unpadded_tokens,
+    replica_policy,
+) -> EplbLayerState | None:
+    """:func:`check_eplb_args` for ops whose EPLB tensors are all given or all None."""
     eplb_tensors = (logical_to_physical_map, logical_replica_count, expert_load_view, should_record)
     if all(t is None for t in eplb_tensors) and num_unpadded_tokens is None:
         return None
     if any(t is None for t in eplb_tensors):
         raise ValueError(
-            "route_counted takes either no EPLB tensors or all of logical_to_physical_map, "
+            f"{op_name} takes either no EPLB tensors or all of logical_to_physical_map, "
             "logical_replica_count, expert_load_view and should_record"
         )
     return check_eplb_args(
         router_logits,
-        num_routed,
+        num_logical,
+        logical_to_physical_map,
+        logical_replica_count,
+        expert_load_view,
+        should_record,
+        num_unpadded_tokens,
+        replica_policy,
+    )
+
+
+def _check_zero_expert_args(
+    router_logits,
+    e_score_correction_bias,
+    top_k,
+    scoring_func,
+    renormalize,
+    routed_scaling_factor,
+    num_expert_group,
+    topk_group,
+    indices_dtype,
+    num_real_experts,
+    logical_to_physical_map,
+    logical_replica_count,
+    expert_load_view,
+    should_record,
+    num_unpadded_tokens,
+    replica_policy,
+) -> EplbLayerState | None:
+    """Checks of ``route_zero_experts``; the EPLB state its tensors make, or None.
+    The EPLB map has a row per real expert: zero experts are never remapped."""
+    num_experts = check_route_args(
+        router_logits,
+        e_score_correction_bias,
+        top_k,
+        scoring_func,
+        num_expert_group,
+        topk_group,
+        0,
+        indices_dtype,
+    )
+    if not 1 <= num_real_experts < num_experts:
+        raise ValueError(
+            f"num_real_experts must be in [1, {num_experts}) for router_logits with "
+            f"{num_experts} columns (the real experts, then at least one zero expert), "
+            f"got {num_real_experts}"
+        )
+    return _check_optional_eplb_args(
+        "route_zero_experts",
+        router_logits,
+        num_real_experts,
         logical_to_physical_map,
         logical_replica_count,
         expert_load_view,
@@ -730,6 +898,16 @@ def _route_counted_fake(
     )
 
 
+@_route_zero_experts_op.register_fake
+def _route_zero_experts_fake(*args):
+    _check_zero_expert_args(*args)
+    router_logits, top_k, indices_dtype = args[0], args[2], args[8]
+    return (
+        *_fake_outputs(router_logits, top_k, 0, indices_dtype),
+        router_logits.new_empty((router_logits.shape[0], 1), dtype=torch.float32),
+    )
+
+
 # ---------------------------------------------------------------- Python entry points
 def route(
     router_logits: torch.Tensor,
@@ -809,6 +987,20 @@ def route_eplb(
     )
 
 
+def _optional_eplb_tensors(eplb_state: EplbLayerState | None) -> tuple:
+    """The five EPLB arguments of the ops whose EPLB is optional (all None without a state)."""
+    if eplb_state is None:
+        return (None,) * 5
+    eplb_state.validate()
+    return (
+        eplb_state.logical_to_physical_map,
+        eplb_state.logical_replica_count,
+        eplb_state.expert_load_view,
+        eplb_state.should_record_tensor,
+        eplb_state.num_unpadded_tokens,
+    )
+
+
 def route_counted(
     router_logits: torch.Tensor,
     top_k: int,
@@ -830,16 +1022,7 @@ def route_counted(
     ``[num_count_bins]`` (int32, ids in ``[0, num_count_bins)`` only, all rows, shared
     columns included) and ``offsets`` ``[num_count_bins + 1]``, their exclusive prefix
     sums. Returns ``(weights, ids, counts, offsets)``."""
-    eplb = (None,) * 5
-    if eplb_state is not None:
-        eplb_state.validate()
-        eplb = (
-            eplb_state.logical_to_physical_map,
-            eplb_state.logical_replica_count,
-            eplb_state.expert_load_view,
-            eplb_state.should_record_tensor,
-            eplb_state.num_unpadded_tokens,
-        )
+    eplb = _optional_eplb_tensors(eplb_state)
     return torch.ops.moe_compile.route_counted(
         router_logits,
         e_score_correction_bias,
@@ -854,4 +1037,42 @@ def route_counted(
         *eplb,
         replica_policy,
         num_count_bins,
+    )
+
+
+def route_zero_experts(
+    router_logits: torch.Tensor,
+    top_k: int,
+    num_real_experts: int,
+    eplb_state: EplbLayerState | None = None,
+    *,
+    e_score_correction_bias: torch.Tensor | None = None,
+    scoring_func: str = "softmax",
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    num_expert_group: int = 0,
+    topk_group: int = 0,
+    indices_dtype: torch.dtype = torch.int32,
+    replica_policy: str = "token_hash",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing over ``num_real_experts`` real experts followed by zero experts
+    (LongCat-Flash), as ``ZeroExpertRouter`` does it, in one launch: a slot that
+    chose a zero expert gets id 0 and weight 0, and its weight goes to
+    ``zero_expert_weight [T, 1]`` (the caller adds ``hidden_states *
+    zero_expert_weight``); then, with ``eplb_state``, the ids are remapped to
+    physical experts and counted. Returns ``(weights, ids, zero_expert_weight)``."""
+    eplb = _optional_eplb_tensors(eplb_state)
+    return torch.ops.moe_compile.route_zero_experts(
+        router_logits,
+        e_score_correction_bias,
+        top_k,
+        scoring_func,
+        renormalize,
+        routed_scaling_factor,
+        num_expert_group,
+        topk_group,
+        indices_dtype,
+        num_real_experts,
+        *eplb,
+        replica_policy,
     )

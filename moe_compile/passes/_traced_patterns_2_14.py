@@ -5,7 +5,7 @@
 # ruff: noqa
 
 TORCH_VERSION = '2.14.0'
-SOURCES_SHA256 = '23b99d89a7ee175d000c3f6d3243b0f97c2a183e90deb24289cba3d25758349c'
+SOURCES_SHA256 = 'aac96c60b9a635e2e7e446d709fcd83213f594579723ea797a557dd80b1b082f'
 
 GRAPHS = {
     'eplb_modulo_padded(int32[13, 6], int32[32, 3], int32[32], int32[40], bool[], int64[]; )': """\

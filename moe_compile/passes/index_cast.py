@@ -13,12 +13,15 @@ from .tracing import set_fake_values
 def _route_nodes(graph: torch.fx.Graph):
     yield from graph.find_nodes(op="call_function", target=torch.ops.moe_compile.route.default)
     for node in graph.find_nodes(op="call_function", target=auto_functionalized):
-        if node.args[0] is torch.ops.moe_compile.route_eplb.default:
+        if node.args[0] in (
+            torch.ops.moe_compile.route_eplb.default,
+            torch.ops.moe_compile.route_zero_experts.default,
+        ):
             yield node
 
 
 def _ids_output(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The getitem that reads the ids (output 1 of both routing ops)."""
+    """The getitem that reads the ids (output 1 of every routing op)."""
     found = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
     return found[0] if len(found) == 1 else None
 

@@ -23,7 +23,7 @@ from torch._inductor.pattern_matcher import (
 )
 
 from moe_compile.eplb.mapping import map_to_physical
-from moe_compile.router.custom import append_shared_experts
+from moe_compile.router.custom import append_shared_experts, mask_zero_experts
 from moe_compile.router.scoring import compute_scores, renormalize_weights
 
 
@@ -142,8 +142,64 @@ def decomposed_route_eplb(
         num_fused_shared_experts=num_fused_shared_experts,
         **route_options,
     )
+    eplb = (
+        logical_to_physical_map,
+        logical_replica_count,
+        expert_load_view,
+        should_record,
+        num_unpadded_tokens,
+    )
+    physical, new_load = _remap_and_count(ids[:, :top_k], *eplb, replica_policy)
+    if num_fused_shared_experts:
+        physical = torch.cat([physical, ids[:, top_k:]], dim=-1)
+    return weights, physical.to(indices_dtype), new_load
+
+
+def decomposed_route_zero_experts(
+    router_logits,
+    e_score_correction_bias,
+    logical_to_physical_map,
+    logical_replica_count,
+    expert_load_view,
+    should_record,
+    num_unpadded_tokens,
+    *,
+    top_k,
+    num_real_experts,
+    replica_policy,
+    indices_dtype,
+    **route_options,
+):
+    """``moe_compile::route_zero_experts``: (weights, ids, zero-expert weight[, updated load])."""
+    weights, ids = decomposed_route(
+        router_logits, e_score_correction_bias, top_k, num_fused_shared_experts=0, **route_options
+    )
+    weights, ids, zero_weight = mask_zero_experts(weights, ids, num_real_experts)
+    if logical_to_physical_map is None:
+        return weights, ids.to(indices_dtype), zero_weight
+    eplb = (
+        logical_to_physical_map,
+        logical_replica_count,
+        expert_load_view,
+        should_record,
+        num_unpadded_tokens,
+    )
+    physical, new_load = _remap_and_count(ids, *eplb, replica_policy)
+    return weights, physical.to(indices_dtype), zero_weight, new_load
+
+
+def _remap_and_count(
+    ids,
+    logical_to_physical_map,
+    logical_replica_count,
+    expert_load_view,
+    should_record,
+    num_unpadded_tokens,
+    replica_policy,
+):
+    """Physical ids and the load with this batch added."""
     physical, counted, increments = map_to_physical(
-        ids[:, :top_k],
+        ids,
         logical_to_physical_map,
         logical_replica_count,
         expert_load_view.shape[0],
@@ -151,16 +207,13 @@ def decomposed_route_eplb(
         num_unpadded_tokens,
         replica_policy,
     )
-    if num_fused_shared_experts:
-        physical = torch.cat([physical, ids[:, top_k:]], dim=-1)
     # Inductor emits atomics only into int32/float targets and falls back to
     # ATen for an int64 scatter: count this batch in int32, then add.
     count_dtype = torch.int32 if expert_load_view.dtype == torch.int64 else expert_load_view.dtype
     batch_load = torch.zeros_like(expert_load_view, dtype=count_dtype).index_put(
         (counted,), increments.to(count_dtype), accumulate=True
     )
-    new_load = expert_load_view + batch_load
-    return weights, physical.to(indices_dtype), new_load
+    return physical, expert_load_view + batch_load
 
 
 _ROUTE_TENSORS = ("router_logits", "e_score_correction_bias")
@@ -217,5 +270,18 @@ def lowering_patterns() -> PatternMatcherPass:
     )
     def lower_route_eplb(match: Match, **kwargs):
         _replace(match, kwargs, _ROUTE_TENSORS + _EPLB_TENSORS, decomposed_route_eplb)
+
+    route_zero_op = torch.ops.moe_compile.route_zero_experts.default
+
+    @register_graph_pattern(
+        CallFunction(
+            auto_functionalized,
+            route_zero_op,
+            **{n: KeywordArg(n) for n in _params(route_zero_op)},
+        ),
+        pass_dict=patterns,
+    )
+    def lower_route_zero_experts(match: Match, **kwargs):
+        _replace(match, kwargs, _ROUTE_TENSORS + _EPLB_TENSORS, decomposed_route_zero_experts)
 
     return patterns

@@ -65,6 +65,7 @@ class MoEFusionPass(CustomGraphPass):
         from .index_cast import fold_index_casts
         from .lowering import lowering_patterns
         from .routing import routing_patterns
+        from .zero_experts import fold_zero_expert_routing
 
         applied = {}
         if self.config.fuse_routing:
@@ -74,6 +75,8 @@ class MoEFusionPass(CustomGraphPass):
             has_count = bool(graph.find_nodes(op="call_function", target=_ACCUMULATE))
             applied["eplb_remap"] = eplb_patterns(graph).apply(graph) if has_count else 0
             applied["route_eplb"] = fold_remap_into_routing(graph)
+        if self.config.fuse_routing:
+            applied["zero_experts"] = fold_zero_expert_routing(graph)
         if self.config.fold_index_casts:
             applied["index_cast"] = fold_index_casts(graph)
         if self.config.strategy == "inductor":

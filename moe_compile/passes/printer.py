@@ -54,7 +54,7 @@ class _Printer:
             dims = ", ".join(self.symbol(s) for s in val.shape)
             return f"{_DTYPE.get(val.dtype, str(val.dtype))}[{dims}]"
         if isinstance(val, (tuple, list)):
-            return "(" + ", ".join(self.value(v) for v in val) + ")"
+            return "(" + ", ".join("None" if v is None else self.value(v) for v in val) + ")"
         return type(val).__name__ if val is not None else ""
 
     def arg(self, arg) -> str:

@@ -185,10 +185,22 @@ class ZeroExpertRouter(BaseRouter):
             self.scoring_func,
             self.routed_scaling_factor,
         )
-        is_zero_expert = topk_ids >= self.num_logical_experts
-        zero_weight = torch.where(is_zero_expert, topk_weights, 0.0).sum(dim=-1, keepdim=True)
-        self.zero_expert_output = (hidden_states.float() * zero_weight).to(hidden_states.dtype)
-        return (
-            torch.where(is_zero_expert, 0.0, topk_weights),
-            torch.where(is_zero_expert, 0, topk_ids),
+        topk_weights, topk_ids, zero_weight = mask_zero_experts(
+            topk_weights, topk_ids, self.num_logical_experts
         )
+        self.zero_expert_output = (hidden_states.float() * zero_weight).to(hidden_states.dtype)
+        return topk_weights, topk_ids
+
+
+def mask_zero_experts(
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_real_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slots that chose a zero expert (id ``>= num_real_experts``) get id 0 and weight 0;
+    also returns each token's total weight on zero experts, ``[T, 1]``."""
+    is_zero_expert = topk_ids >= num_real_experts
+    zero_weight = torch.where(is_zero_expert, topk_weights, 0.0).sum(dim=-1, keepdim=True)
+    return (
+        torch.where(is_zero_expert, 0.0, topk_weights),
+        torch.where(is_zero_expert, 0, topk_ids),
+        zero_weight,
+    )

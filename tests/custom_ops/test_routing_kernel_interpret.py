@@ -139,6 +139,22 @@ def _cases():
         num_experts=20, top_k=3, num_tokens=9, count_bins=20, eplb=True, via_op=True
     )
     cases["counts_empty_batch"] = dict(num_experts=20, top_k=3, num_tokens=0, count_bins=20)
+    # Zero experts (LongCat-Flash): the masking before the remap, and its per-token weight.
+    cases["zero_experts_bias_ties"] = dict(
+        num_experts=20, zero=4, top_k=3, num_tokens=17, bias=True, ties=True, scale=1.5
+    )
+    cases["zero_experts_packed_bf16"] = dict(num_experts=28, zero=4, top_k=4, num_tokens=9)
+    cases["zero_experts_sigmoid_raw_empty"] = dict(
+        num_experts=20, zero=2, top_k=3, num_tokens=0, scoring="sigmoid", renormalize=False
+    )
+    cases["zero_experts_eplb_modulo_padded_many_tiles"] = dict(
+        num_experts=20, zero=4, top_k=3, num_tokens=23, bias=True, eplb=True, policy="modulo",
+        unpadded=13, small_tiles=True,
+    )  # fmt: skip
+    cases["zero_experts_via_op_eplb"] = dict(
+        num_experts=20, zero=4, top_k=3, num_tokens=9, bias=True, ties=True, eplb=True, via_op=True
+    )
+    cases["zero_experts_via_op"] = dict(num_experts=20, zero=4, top_k=3, num_tokens=9, via_op=True)
     for policy in ("token_hash", "modulo"):
         for load_dtype in ("int32", "int64", "float32"):
             cases[f"eplb_{policy}_{load_dtype}_many_tiles"] = dict(
@@ -206,6 +222,7 @@ def _run_case(
     special=None,
     lane_experts=None,
     count_bins=None,
+    zero=0,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -214,7 +231,7 @@ def _run_case(
     from moe_compile.eplb import EplbLayerState
 
     generator = torch.Generator().manual_seed(num_experts * 1000 + num_tokens + top_k)
-    width = num_experts + shared
+    width = num_experts + shared + zero
     if ties:
         logits = grid_logits(num_tokens, width, generator)
     else:
@@ -236,9 +253,11 @@ def _run_case(
         assert not logits.is_contiguous()
     bias_tensor = None
     if bias:
-        bias_tensor = (torch.randint(0, 3, (num_experts,), generator=generator) * 2).float()
+        bias_tensor = (torch.randint(0, 3, (num_experts + zero,), generator=generator) * 2).float()
         if not ties:
-            bias_tensor = torch.randn(num_experts, generator=generator) * 0.1
+            bias_tensor = torch.randn(num_experts + zero, generator=generator) * 0.1
+        if zero:  # a zero expert at the top bias level, so some slots choose one
+            bias_tensor[num_experts] = bias_tensor.max()
     indices_dtype = getattr(torch, indices)
     args = (
         logits,
@@ -290,6 +309,21 @@ def _run_case(
         return real_launch(*a, **kw)
 
     _routing_kernels.launch_route_kernel = counting_launch
+    zero_weight = ref_zero_weight = None
+    if zero:
+        # route_zero_experts: the route arguments without the shared-expert count.
+        zero_args = (*args[:8], indices_dtype, num_experts)
+
+        def kernel(eplb=None):
+            if via_op:
+                state_args = _state_args(*eplb) if eplb else (None,) * 5 + ("token_hash",)
+                return torch.ops.moe_compile.route_zero_experts(*zero_args, *state_args)
+            return routing._route_triton(*args, eplb=eplb, num_real_experts=num_experts)
+
+        def reference(eplb_state=None, replica_policy="token_hash"):
+            return routing.route_zero_experts_reference(
+                *zero_args, eplb_state=eplb_state, replica_policy=replica_policy
+            )
     try:
         if eplb:
             state, backing = make_state()
@@ -300,15 +334,10 @@ def _run_case(
                 should_record_tensor=state.should_record_tensor,
                 num_unpadded_tokens=state.num_unpadded_tokens,
             )
-            state_args = (
-                state.logical_to_physical_map,
-                state.logical_replica_count,
-                state.expert_load_view,
-                state.should_record_tensor,
-                state.num_unpadded_tokens,
-                policy,
-            )
-            if via_op and count_bins:
+            state_args = _state_args(state, policy)
+            if zero:
+                weights, ids, zero_weight = kernel((state, policy))
+            elif via_op and count_bins:
                 weights, ids, counts, offsets = torch.ops.moe_compile.route_counted(
                     *args, *state_args, count_bins
                 )
@@ -320,9 +349,12 @@ def _run_case(
                 )
             else:
                 weights, ids = routing._route_triton(*args, eplb=(state, policy))
-            ref_weights, ref_ids = routing.route_reference(
-                *args, eplb_state=ref_state, replica_policy=policy
-            )
+            if zero:
+                ref_weights, ref_ids, ref_zero_weight = reference(ref_state, policy)
+            else:
+                ref_weights, ref_ids = routing.route_reference(
+                    *args, eplb_state=ref_state, replica_policy=policy
+                )
             load, ref_load = state.expert_load_view, ref_state.expert_load_view
             assert torch.equal(load, ref_load), f"load {load.tolist()} != {ref_load.tolist()}"
             guard = torch.cat([backing[:8], backing[8 + load.numel() :]])
@@ -338,6 +370,11 @@ def _run_case(
                 assert (
                     bool((ref_ids < 0).any() or (ref_ids >= load.numel()).any()) or num_tokens == 0
                 )
+        elif zero:
+            (weights, ids, zero_weight), (ref_weights, ref_ids, ref_zero_weight) = (
+                kernel(),
+                reference(),
+            )
         elif via_op:
             weights, ids = torch.ops.moe_compile.route(*args)
             ref_weights, ref_ids = routing.route_reference(*args)
@@ -360,6 +397,22 @@ def _run_case(
         ref_counts, ref_offsets = routing.expert_counts_reference(ref_ids, count_bins)
         assert torch.equal(counts, ref_counts), f"counts {counts.tolist()} != {ref_counts.tolist()}"
         assert torch.equal(offsets, ref_offsets), f"offsets {offsets.tolist()}"
+    if zero:
+        assert zero_weight.shape == (num_tokens, 1) and zero_weight.dtype == torch.float32
+        torch.testing.assert_close(zero_weight, ref_zero_weight, rtol=1e-6, atol=0)
+        if num_tokens:
+            assert bool((ref_zero_weight > 0).any()), "no token chose a zero expert"
+
+
+def _state_args(state, policy):
+    return (
+        state.logical_to_physical_map,
+        state.logical_replica_count,
+        state.expert_load_view,
+        state.should_record_tensor,
+        state.num_unpadded_tokens,
+        policy,
+    )
 
 
 def _special_logits(kind, num_tokens, width, generator, bf16):

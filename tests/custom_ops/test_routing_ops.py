@@ -447,6 +447,97 @@ def test_route_counted_bad_arguments_raise():
     assert torch.equal(state.expert_load_view, before)
 
 
+# ---------------------------------------------------------------- zero experts
+NUM_REAL, NUM_ZERO = 24, 4
+
+
+def _zero_expert_setup(num_tokens, seed, scoring_func="softmax"):
+    generator = torch.Generator().manual_seed(seed)
+    logits = grid_logits(num_tokens, NUM_REAL + NUM_ZERO, generator)
+    bias = (torch.randint(0, 3, (NUM_REAL + NUM_ZERO,), generator=generator) * 2).float()
+    bias[0] = bias[NUM_REAL] = 4.0  # a real and a zero expert at the top bias level
+    return logits, bias, generator
+
+
+@pytest.mark.parametrize("policy", [None, *POLICIES])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_route_zero_experts_equals_eager_router(scoring_func, num_tokens, policy):
+    """The op against ``ZeroExpertRouter`` (the spec): ids, weights, load, and the
+    zero-expert weight as the router's side output for ``hidden_states = 1``."""
+    logits, bias, generator = _zero_expert_setup(num_tokens, num_tokens + 3)
+    state = eager_state = None
+    num_physical = NUM_REAL
+    if policy is not None:
+        state, num_physical = make_state(Config("zero", NUM_REAL, 3), generator)
+        eager_state = clone_state(state)
+    router = create_fused_moe_router(
+        top_k=3, global_num_experts=num_physical, eplb_state=eager_state,
+        scoring_func=scoring_func, e_score_correction_bias=bias, routed_scaling_factor=1.5,
+        zero_expert_type="identity", num_logical_experts=NUM_REAL,
+        eplb_replica_policy=policy or "token_hash",
+    )  # fmt: skip
+    ref_weights, ref_ids = router.select_experts(torch.ones(num_tokens, 1), logits)
+    weights, ids, zero_weight = custom_ops.route_zero_experts(
+        logits, 3, NUM_REAL, state, e_score_correction_bias=bias, scoring_func=scoring_func,
+        routed_scaling_factor=1.5, replica_policy=policy or "token_hash",
+    )  # fmt: skip
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=0, atol=0)
+    assert zero_weight.shape == (num_tokens, 1)
+    torch.testing.assert_close(zero_weight, router.zero_expert_output, rtol=0, atol=0)
+    if state is not None:
+        assert torch.equal(state.expert_load_view, eager_state.expert_load_view)
+        assert int(state.expert_load_view.sum()) == num_tokens * 3
+
+
+def test_route_zero_experts_matches_float64_reference():
+    """Independent of the eager routers: top-k over real + zero experts in float64,
+    zero-expert slots masked to (id 0, weight 0), their weights summed per token."""
+    logits, bias, _ = _zero_expert_setup(300, 11)
+    weights, ids, zero_weight = custom_ops.route_zero_experts(
+        logits, 4, NUM_REAL, e_score_correction_bias=bias, routed_scaling_factor=2.0
+    )
+    ref_weights, ref_ids = topk_reference(logits, 4, True, "softmax", bias, 2.0)
+    is_zero = ref_ids >= NUM_REAL
+    assert is_zero.any() and not is_zero.all(), "data should mix real and zero experts"
+    assert np.array_equal(ids.numpy(), np.where(is_zero, 0, ref_ids))
+    np.testing.assert_allclose(weights.numpy(), np.where(is_zero, 0.0, ref_weights), rtol=1e-6)
+    np.testing.assert_allclose(
+        zero_weight.numpy()[:, 0], (ref_weights * is_zero).sum(axis=1), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("eplb", [False, True])
+def test_opcheck_route_zero_experts(eplb):
+    logits, bias, generator = _zero_expert_setup(9, 2)
+    eplb_args = (None,) * 5 + ("token_hash",)
+    if eplb:
+        state, _ = make_state(Config("zero", NUM_REAL, 3), generator)
+        eplb_args = eplb_op_args(state, "modulo")
+    args = (logits, bias, 3, "sigmoid", True, 2.5, 0, 0, torch.int64, NUM_REAL, *eplb_args)
+    torch.library.opcheck(torch.ops.moe_compile.route_zero_experts.default, args)
+
+
+def test_route_zero_experts_bad_arguments_raise():
+    logits, bias, generator = _zero_expert_setup(3, 0)
+    state, _ = make_state(Config("zero", NUM_REAL, 3), generator)
+    before = state.expert_load_view.clone()
+    width = NUM_REAL + NUM_ZERO
+    for num_real in (0, width):
+        with pytest.raises(ValueError, match=rf"num_real_experts must be in \[1, {width}\)"):
+            custom_ops.route_zero_experts(logits, 3, num_real, e_score_correction_bias=bias)
+    wide_map = Config("zero", width, 3)
+    wide_state, _ = make_state(wide_map, generator)
+    with pytest.raises(ValueError, match=rf"logical_to_physical_map must be \[{NUM_REAL}, "):
+        custom_ops.route_zero_experts(logits, 3, NUM_REAL, wide_state)
+    args = (logits, bias, 3, "softmax", True, 1.0, 0, 0, torch.int32, NUM_REAL)
+    partial = (state.logical_to_physical_map, None, state.expert_load_view, None, None)
+    with pytest.raises(ValueError, match="route_zero_experts takes either no EPLB tensors"):
+        torch.ops.moe_compile.route_zero_experts(*args, *partial, "modulo")
+    assert torch.equal(state.expert_load_view, before)
+
+
 # ---------------------------------------------------------------- opcheck, fake, compile
 OPCHECK_CONFIGS = [CONFIGS[0], CONFIGS[3], CONFIGS[5], CONFIGS[7]]
 

@@ -244,7 +244,8 @@ def test_grouped_routing_keeping_every_group_fuses(scoring_func, with_bias, reno
         torch._dynamo.reset()
         (eager, compiled), graph = run_both(router, state, logits)
         assert_same(eager, compiled)
-    assert graph.applied == {"routing": 1, "eplb_remap": 1, "route_eplb": 1, "index_cast": 1}
+    expected = {"routing": 1, "eplb_remap": 1, "route_eplb": 1, "zero_experts": 0, "index_cast": 1}
+    assert graph.applied == expected
     assert graph.ops_after["auto_functionalized(moe_compile.route_eplb)"] == 1
     assert graph.ops_after.get("aten.sort", 0) == 0 and graph.ops_after.get("aten.topk", 0) == 0
     # The op keeps every group: it is told topk_group = num_expert_group.
@@ -275,13 +276,14 @@ def test_one_group_grouped_router_is_left_unfused_and_correct(with_bias):
     assert graph.ops_after.get("aten.sort", 0) == 2
 
 
-def test_zero_expert_router_eplb_fuses_routing_and_keeps_the_remap_separate():
-    """The zero-expert masking (ids past the real experts -> id 0, weight 0, and
-    the side output from the pre-mask weights) sits between routing and remap.
-    The routing ops have no zero-expert semantics, so only the routing fuses and
-    the remap stays one ``eplb_remap``; results, load and side output equal eager."""
+@pytest.mark.parametrize("strategy", ["kernel", "inductor"])
+@pytest.mark.parametrize("eplb", [False, True])
+def test_zero_expert_router_fuses_into_one_op(eplb, strategy):
+    """Routing, the zero-expert masking (ids past the real experts -> id 0, weight 0,
+    their weights summed into the side output) and, with EPLB, the remap and count
+    become one ``route_zero_experts``; results, load and side output equal eager."""
     num_zero = 2
-    state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+    state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4) if eplb else None
     router = mc.create_fused_moe_router(
         top_k=TOP_K,
         global_num_experts=NUM_EXPERTS + 4,
@@ -295,22 +297,25 @@ def test_zero_expert_router_eplb_fuses_routing_and_keeps_the_remap_separate():
     logits = tied_logits(NUM_TOKENS, NUM_EXPERTS + num_zero)
     logits[::2, NUM_EXPERTS:] = 4.0  # every other token picks both zero experts
     hidden = torch.randn(NUM_TOKENS, 4)
-    backend = PassTestBackend()
+    backend = PassTestBackend(MoEFusionPass(FusionConfig(strategy=strategy)))
     compiled = torch.compile(router.select_experts, backend=backend, fullgraph=True)
     results = []
     for fn in (router.select_experts, compiled):
-        state.expert_load_view.zero_()
+        if eplb:
+            state.expert_load_view.zero_()
         weights, ids = fn(hidden, logits)
-        results.append((weights, ids, state.expert_load_view.clone(), router.zero_expert_output))
+        load = state.expert_load_view.clone() if eplb else None
+        results.append((weights, ids, load, router.zero_expert_output))
     (w_e, ids_e, load_e, zero_e), (w_c, ids_c, load_c, zero_c) = results
     assert_same((w_e, ids_e, load_e), (w_c, ids_c, load_c))
     torch.testing.assert_close(zero_c, zero_e)
     assert zero_e[::2].abs().sum() > 0 and (w_e[::2] == 0).sum() == 2 * len(w_e[::2])
     graph = backend.graphs[0]
-    assert graph.applied["routing"] == 1 and graph.applied["route_eplb"] == 0
-    assert graph.ops_after["moe_compile.route"] == 1
-    assert graph.ops_after["moe_compile.eplb_remap"] == 1
-    assert graph.ops_after.get("aten.sort", 0) == 0
+    assert graph.applied["routing"] == 1 and graph.applied["zero_experts"] == 1
+    remaining = ("moe_compile.route", "moe_compile.eplb_remap", "aten.sort", "aten.topk")
+    assert not any(graph.ops_after.get(op) for op in remaining)
+    if strategy == "kernel":
+        assert graph.ops_after["auto_functionalized(moe_compile.route_zero_experts)"] == 1
 
 
 class _Gate(torch.nn.Module):
