@@ -257,6 +257,122 @@ def check_counts(device) -> list[dict]:
     return results
 
 
+def _replicated_state(num_logical: int, num_redundant: int, device) -> mc.EplbLayerState:
+    """Logical expert e on physical e, the first ``num_redundant`` also on ``num_logical + e``."""
+    experts = torch.arange(num_logical, device=device)
+    l2p = torch.stack([experts, num_logical + experts % num_redundant]).T.contiguous()
+    return mc.EplbLayerState(
+        expert_load_view=torch.zeros(
+            num_logical + num_redundant, dtype=torch.int32, device=device
+        ),
+        logical_to_physical_map=l2p,
+        logical_replica_count=torch.where(experts < num_redundant, 2, 1),
+        should_record_tensor=torch.tensor(True, device=device),
+    )
+
+
+def check_zero_experts(device) -> list[dict]:
+    """``route_zero_experts`` (the kernel) and the compiled ``ZeroExpertRouter`` against the
+    eager router on CUDA: 256 real + 64 zero experts, top-8, EPLB off and on."""
+    from moe_compile.custom_ops import route_zero_experts
+
+    results = []
+    num_real, num_zero = 256, 64
+    generator = torch.Generator(device=device).manual_seed(4)
+    bias = torch.randn(num_real + num_zero, device=device, generator=generator) * 0.05
+    for eplb in (False, True):
+        state = _replicated_state(num_real, 32, device) if eplb else None
+        router = mc.create_fused_moe_router(
+            top_k=8, global_num_experts=num_real + 32, eplb_state=state,
+            zero_expert_type="identity", num_logical_experts=num_real,
+            e_score_correction_bias=bias, routed_scaling_factor=2.5, renormalize=False,
+        )  # fmt: skip
+
+        def route(hidden, logits, router=router):
+            weights, ids = router.select_experts(hidden, logits)
+            return weights, ids, router.zero_expert_output
+
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = mc.compile(route, fullgraph=True)
+        for num_tokens in (1, 7, 4099, 65536):
+            logits = torch.randn(num_tokens, num_real + num_zero, device=device,
+                                 generator=generator).bfloat16()  # fmt: skip
+            hidden = torch.ones(num_tokens, 1, device=device)
+            outputs, loads = [], []
+            for fn in ("eager", "op", "compiled"):
+                if eplb:
+                    state.expert_load_view.zero_()
+                if fn == "eager":
+                    outputs.append(route(hidden, logits))
+                elif fn == "op":
+                    outputs.append(route_zero_experts(
+                        logits, 8, num_real, state, e_score_correction_bias=bias,
+                        routed_scaling_factor=2.5, renormalize=False,
+                    ))  # fmt: skip
+                else:
+                    outputs.append(compiled(hidden, logits))
+                loads.append(state.expert_load_view.clone() if eplb else None)
+            (weights, ids, zero_weight), expected_load = outputs[0], loads[0]
+            for fn, (got_weights, got_ids, got_zero), load in zip(
+                ("op", "compiled"), outputs[1:], loads[1:], strict=True
+            ):
+                ok = (
+                    torch.equal(got_ids, ids)
+                    and torch.allclose(got_weights, weights, rtol=1e-6, atol=0)
+                    and torch.allclose(got_zero, zero_weight, rtol=1e-6, atol=1e-7)
+                    and (not eplb or torch.equal(load, expected_load))
+                    and bool((zero_weight > 0).any())
+                )
+                if fn == "compiled":
+                    ok &= counters["moe_compile"]["zero_experts"] >= 1
+                results.append(
+                    {"check": f"zero_experts_{fn}", "eplb": eplb, "num_tokens": num_tokens,
+                     "ok": bool(ok)}
+                )  # fmt: skip
+    return results
+
+
+def check_remap_modes(device) -> list[dict]:
+    """Each EPLB map lookup of the kernel (``RouteKernelConfig.remap_mode``) against
+    the plain-PyTorch reference on CUDA, both replica policies."""
+    from moe_compile.custom_ops import _routing_kernels, route_eplb, route_reference
+
+    results = []
+    generator = torch.Generator(device=device).manual_seed(5)
+    for mode in (0, 1, 2):
+        for policy in ("token_hash", "modulo"):
+            for num_tokens in (1, 4099, 65536):
+                logits = torch.randn(num_tokens, 256, device=device, generator=generator)
+                logits = logits.bfloat16()
+                state = _replicated_state(256, 32, device)
+                expected = _replicated_state(256, 32, device)
+                default = _routing_kernels.default_config(256, True, True)
+                _routing_kernels.set_config_override(
+                    _routing_kernels.RouteKernelConfig(
+                        default.block_tokens, default.num_warps, remap_mode=mode
+                    )
+                )
+                try:
+                    weights, ids = route_eplb(logits, 8, state, replica_policy=policy)
+                finally:
+                    _routing_kernels.set_config_override(None)
+                ref_weights, ref_ids = route_reference(
+                    logits, None, 8, "softmax", True, 1.0, 0, 0, 0, torch.int32,
+                    eplb_state=expected, replica_policy=policy,
+                )  # fmt: skip
+                ok = (
+                    torch.equal(ids, ref_ids)
+                    and torch.allclose(weights, ref_weights, rtol=1e-6, atol=0)
+                    and torch.equal(state.expert_load_view, expected.expert_load_view)
+                )
+                results.append(
+                    {"check": "remap_mode", "mode": mode, "policy": policy,
+                     "num_tokens": num_tokens, "ok": bool(ok)}
+                )  # fmt: skip
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
@@ -273,7 +389,13 @@ def main() -> int:
     }
     failed = False
     if on_gpu:
-        for result in [check_score_arithmetic(device), *check_counts(device)]:
+        gpu_only = [
+            check_score_arithmetic(device),
+            *check_counts(device),
+            *check_zero_experts(device),
+            *check_remap_modes(device),
+        ]
+        for result in gpu_only:
             failed |= not result["ok"]
             report["checks"].append(result)
             print(json.dumps(result), flush=True)

@@ -574,18 +574,18 @@ def run_sweep(device, bandwidth, report) -> list[dict]:
     E=256 k=8 (int32 packed keys) and the grouped sigmoid+bias case (int64 keys)."""
     rows = []
     l2 = l2_bytes(device)
+    config = _routing_kernels.RouteKernelConfig
+    shapes = ((16, 4, 2, 32), (32, 4, 2, 32), (64, 4, 2, 16), (64, 8, 2, 16), (128, 8, 1, 16))
     grids = {
         "E256_k8": [
-            _routing_kernels.RouteKernelConfig(bt, warps, pps, lane_experts=lane_experts)
-            for lane_experts in (16, 32)
-            for bt, warps in ((16, 4), (32, 4), (64, 8))
-            for pps in (1, 2, 4, 8)
+            config(bt, warps, pps, lane_experts=lanes, remap_mode=mode)
+            for mode in (0, 1, 2)
+            for bt, warps, pps, lanes in shapes
         ],
         "E256_k8_grouped_sigmoid_bias": [
-            _routing_kernels.RouteKernelConfig(bt, 4, pps, lane_experts=lane_experts)
-            for lane_experts in (8, 16, 32)
-            for bt in (16, 32)
-            for pps in (2, 4)
+            config(bt, warps, 2, lane_experts=lanes, remap_mode=mode)
+            for mode in (0, 1, 2)
+            for bt, warps, lanes in ((32, 4, 8), (64, 8, 16))
         ],
     }
     for case in CASES:

@@ -570,6 +570,9 @@ def _route_kernel(
     TOKEN_HASH: tl.constexpr,
     HAS_UNPADDED: tl.constexpr,
     LOAD_BINS: tl.constexpr,
+    REMAP_MODE: tl.constexpr,
+    REPLICAS_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
     COUNT_BINS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     REDO_T: tl.constexpr,
@@ -612,6 +615,24 @@ def _route_kernel(
         if HAS_UNPADDED:
             counted_slots = tl.load(unpadded_ptr).to(tl.int64) * TOP_K
         load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
+        if REMAP_MODE == 2:
+            # The whole map, once per program: the per-slot lookups become gathers
+            # from registers / shared memory instead of two dependent global loads.
+            table_expert = tl.arange(0, E_PAD)
+            count_table = tl.load(
+                replica_count_ptr + table_expert * stride_replica_count,
+                mask=table_expert < NUM_REAL_EXPERTS,
+                other=1,
+            ).to(tl.int32)
+            count_table = tl.minimum(tl.maximum(count_table, 1), max_replicas)
+            table_entry = tl.arange(0, E_PAD * REPLICAS_PAD)
+            table_expert2 = table_entry // REPLICAS_PAD
+            table_replica = table_entry % REPLICAS_PAD
+            map_table = tl.load(
+                l2p_ptr + table_expert2 * stride_l2p_e + table_replica * stride_l2p_s,
+                mask=(table_expert2 < NUM_REAL_EXPERTS) & (table_replica < max_replicas),
+                other=-1,
+            ).to(tl.int32)
     if COUNT_BINS > 0:
         expert_counts = tl.zeros([COUNT_BINS], dtype=tl.int32)
 
@@ -707,10 +728,24 @@ def _route_kernel(
         # ---- EPLB: logical -> physical, and the per-program load histogram
         if HAS_EPLB:
             # 32-bit replica arithmetic: 64-bit division is a long subroutine.
-            replicas = tl.load(
-                replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
-            ).to(tl.int32)
-            replicas = tl.minimum(tl.maximum(replicas, 1), max_replicas)
+            if REMAP_MODE == 2:
+                flat_logical = tl.reshape(logical, [BLOCK_T * TOP_K_PAD])
+                replicas = tl.reshape(
+                    tl.gather(count_table, flat_logical, 0), [BLOCK_T, TOP_K_PAD]
+                )
+            else:
+                replicas = tl.load(
+                    replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
+                ).to(tl.int32)
+                replicas = tl.minimum(tl.maximum(replicas, 1), max_replicas)
+            if REMAP_MODE == 1:
+                # Every replica of the row, loaded beside the count rather than after it.
+                replica_slot = tl.arange(0, REPLICAS_PAD)[None, None, :]
+                replica_row = tl.load(
+                    l2p_ptr + logical[:, :, None] * stride_l2p_e + replica_slot * stride_l2p_s,
+                    mask=out_mask[:, :, None] & (replica_slot < max_replicas),
+                    other=-1,
+                )
             flat_slot = token2 * TOP_K + slot
             if TOKEN_HASH:
                 # (token * 2654435769) mod 2**32, as an unsigned 32-bit product wraps.
@@ -720,11 +755,20 @@ def _route_kernel(
                 replica = flat_slot.to(tl.int32) % replicas
             else:
                 replica = (flat_slot % replicas).to(tl.int32)
-            physical = tl.load(
-                l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
-                mask=out_mask,
-                other=-1,
-            ).to(tl.int64)
+            if REMAP_MODE == 1:
+                chosen = replica_slot == replica[:, :, None]
+                physical = tl.sum(tl.where(chosen, replica_row, 0), axis=2).to(tl.int64)
+            elif REMAP_MODE == 2:
+                flat_entry = tl.reshape(logical * REPLICAS_PAD + replica, [BLOCK_T * TOP_K_PAD])
+                physical = tl.reshape(
+                    tl.gather(map_table, flat_entry, 0), [BLOCK_T, TOP_K_PAD]
+                ).to(tl.int64)
+            else:
+                physical = tl.load(
+                    l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
+                    mask=out_mask,
+                    other=-1,
+                ).to(tl.int64)
             counted = out_mask & record_on & (physical >= 0) & (physical < num_physical)
             if HAS_UNPADDED:
                 counted = counted & (flat_slot < counted_slots)
@@ -791,6 +835,9 @@ class RouteKernelConfig:
     """Allow the packed-key top-k for 16-bit softmax logits (exact fallback per tile)."""
     lane_experts: int = 32
     """Experts each thread holds of a row (fewer if a group is narrower than a warp)."""
+    remap_mode: int = 0
+    """EPLB map lookups: 0 two dependent loads per slot, 1 the count and the whole
+    replica row at once, 2 the map gathered from a per-program copy."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -964,6 +1011,9 @@ def launch_route_kernel(
         TOKEN_HASH=policy == "token_hash",
         HAS_UNPADDED=unpadded is not None,
         LOAD_BINS=load_bins,
+        REMAP_MODE=config.remap_mode if eplb is not None else 0,
+        REPLICAS_PAD=triton.next_power_of_2(int(max_replicas)),
+        E_PAD=triton.next_power_of_2(num_real_experts),
         COUNT_BINS=count_bins,
         BLOCK_T=config.block_tokens,
         REDO_T=max(1, min(config.block_tokens, 32 * config.num_warps // redo_lanes)),

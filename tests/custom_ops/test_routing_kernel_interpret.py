@@ -177,6 +177,15 @@ def _cases():
                 unpadded=unpadded,
                 small_tiles=True,
             )
+        for remap_mode in (1, 2):
+            cases[f"eplb_{policy}_remap_mode{remap_mode}_corrupt_map"] = dict(
+                num_experts=20, top_k=3, num_tokens=31, eplb=True, policy=policy, corrupt=True,
+                small_tiles=True, remap_mode=remap_mode,
+            )  # fmt: skip
+            cases[f"zero_experts_eplb_{policy}_remap_mode{remap_mode}"] = dict(
+                num_experts=20, zero=4, top_k=3, num_tokens=23, bias=True, eplb=True,
+                policy=policy, small_tiles=True, remap_mode=remap_mode,
+            )  # fmt: skip
         cases[f"eplb_{policy}_record_off"] = dict(
             num_experts=20, top_k=3, num_tokens=9, eplb=True, policy=policy, record=False
         )
@@ -223,6 +232,7 @@ def _run_case(
     lane_experts=None,
     count_bins=None,
     zero=0,
+    remap_mode=0,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -293,7 +303,9 @@ def _run_case(
 
     if small_tiles:
         _routing_kernels.set_config_override(
-            _routing_kernels.RouteKernelConfig(block_tokens=4, num_warps=1, programs_per_sm=1)
+            _routing_kernels.RouteKernelConfig(
+                block_tokens=4, num_warps=1, programs_per_sm=1, remap_mode=remap_mode
+            )
         )
     if lane_experts is not None:
         _routing_kernels.set_config_override(
