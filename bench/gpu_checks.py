@@ -333,46 +333,6 @@ def check_zero_experts(device) -> list[dict]:
     return results
 
 
-def check_remap_modes(device) -> list[dict]:
-    """Each EPLB map lookup of the kernel (``RouteKernelConfig.remap_mode``) against
-    the plain-PyTorch reference on CUDA, both replica policies."""
-    from moe_compile.custom_ops import _routing_kernels, route_eplb, route_reference
-
-    results = []
-    generator = torch.Generator(device=device).manual_seed(5)
-    for mode in (0, 1, 2):
-        for policy in ("token_hash", "modulo"):
-            for num_tokens in (1, 4099, 65536):
-                logits = torch.randn(num_tokens, 256, device=device, generator=generator)
-                logits = logits.bfloat16()
-                state = _replicated_state(256, 32, device)
-                expected = _replicated_state(256, 32, device)
-                default = _routing_kernels.default_config(256, True, True)
-                _routing_kernels.set_config_override(
-                    _routing_kernels.RouteKernelConfig(
-                        default.block_tokens, default.num_warps, remap_mode=mode
-                    )
-                )
-                try:
-                    weights, ids = route_eplb(logits, 8, state, replica_policy=policy)
-                finally:
-                    _routing_kernels.set_config_override(None)
-                ref_weights, ref_ids = route_reference(
-                    logits, None, 8, "softmax", True, 1.0, 0, 0, 0, torch.int32,
-                    eplb_state=expected, replica_policy=policy,
-                )  # fmt: skip
-                ok = (
-                    torch.equal(ids, ref_ids)
-                    and torch.allclose(weights, ref_weights, rtol=1e-6, atol=0)
-                    and torch.equal(state.expert_load_view, expected.expert_load_view)
-                )
-                results.append(
-                    {"check": "remap_mode", "mode": mode, "policy": policy,
-                     "num_tokens": num_tokens, "ok": bool(ok)}
-                )  # fmt: skip
-    return results
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
@@ -393,7 +353,6 @@ def main() -> int:
             check_score_arithmetic(device),
             *check_counts(device),
             *check_zero_experts(device),
-            *check_remap_modes(device),
         ]
         for result in gpu_only:
             failed |= not result["ok"]

@@ -570,47 +570,47 @@ def run_timings(args, device, bandwidth, deadline, out_path, report) -> list[Tim
 
 
 def run_sweep(device, bandwidth, report) -> list[dict]:
-    """Kernel launch shapes (the knobs ``RouteKernelConfig`` exposes), EPLB on, for
-    E=256 k=8 (int32 packed keys) and the grouped sigmoid+bias case (int64 keys)."""
-    rows = []
-    l2 = l2_bytes(device)
+    """Kernel launch shapes (the knobs ``RouteKernelConfig`` exposes), EPLB on, E=256 k=8:
+    each shape is checked against eager at two sizes, then timed over batch sizes. A
+    shape with a second (large-batch) layout runs with it forced on and forced off."""
     config = _routing_kernels.RouteKernelConfig
-    shapes = ((16, 4, 2, 32), (32, 4, 2, 32), (64, 4, 2, 16), (64, 8, 2, 16), (128, 8, 1, 16))
-    grids = {
-        "E256_k8": [
-            config(bt, warps, pps, lane_experts=lanes, remap_mode=mode)
-            for mode in (0, 1, 2)
-            for bt, warps, pps, lanes in shapes
-        ],
-        "E256_k8_grouped_sigmoid_bias": [
-            config(bt, warps, 2, lane_experts=lanes, remap_mode=mode)
-            for mode in (0, 1, 2)
-            for bt, warps, lanes in ((32, 4, 8), (64, 8, 16))
-        ],
+    never = 1 << 30
+    shapes = {
+        "4w_32x32": config(32, 4, 2, lane_experts=32),
+        "4w_16x32+64x16": config(16, 4, 2, 32, large_block_tokens=64, large_from_tokens=0),
+        "4w_16x32": config(16, 4, 2, 32, large_block_tokens=64, large_from_tokens=never),
+        "8w_32x32+128x16": config(32, 8, 1, 32, large_block_tokens=128, large_from_tokens=0),
+        "8w_32x32": config(32, 8, 1, 32, large_block_tokens=128, large_from_tokens=never),
+        "8w_32x32+64x16": config(32, 8, 1, 32, large_block_tokens=64, large_from_tokens=0),
     }
-    for case in CASES:
-        if case.name not in grids:
-            continue
-        configs = grids[case.name]
-        for num_tokens in (1, 16384, 65536) if device.type == "cuda" else (1, 33):
-            rotations = max(1, min(100, math.ceil(2 * l2 / (num_tokens * 256 * 2))))
-            problem = make_problem(case, num_tokens, True, device, rotations)
-            floor_s = problem.bytes_moved() / bandwidth
-            for config in configs if device.type == "cuda" else configs[:2]:
-                _routing_kernels.set_config_override(config)
-                try:
-                    seconds = time_per_call(build_kernel(problem.setup), problem.logits)
-                    row = asdict(config) | {"case": case.name, "num_tokens": num_tokens,
-                                            "us_per_call": seconds * 1e6,
-                                            "pct_of_floor": 100 * floor_s / seconds}  # fmt: skip
-                except Exception as error:  # noqa: BLE001
-                    row = asdict(config) | {
-                        "case": case.name, "num_tokens": num_tokens, "error": _short(error)
-                    }  # fmt: skip
-                finally:
-                    _routing_kernels.set_config_override(None)
-                rows.append(row)
-                print("sweep", row, flush=True)
+    if device.type != "cuda":
+        shapes = dict(list(shapes.items())[:2])
+    case = next(c for c in CASES if c.name == "E256_k8")
+    tokens = (1, 128, 1024, 4096, 8192, 16384, 65536) if device.type == "cuda" else (1, 33)
+    l2 = l2_bytes(device)
+    rows = []
+    for name, shape in shapes.items():
+        _routing_kernels.set_config_override(shape)
+        try:
+            for num_tokens in (4099, 65536) if device.type == "cuda" else (33,):
+                problem = make_problem(case, num_tokens, True, device, ties=True, seed=9)
+                check = check_problem("kernel", problem)
+                rows.append({"shape": name, "check": check["check"], "ok": check["ok"]})
+                print("sweep", rows[-1], flush=True)
+            for num_tokens in tokens:
+                rotations = max(1, min(100, math.ceil(2 * l2 / (num_tokens * 256 * 2))))
+                problem = make_problem(case, num_tokens, True, device, rotations)
+                seconds = time_per_call(build_kernel(problem.setup), problem.logits)
+                floor_s = problem.bytes_moved() / bandwidth
+                rows.append(asdict(shape) | {"shape": name, "num_tokens": num_tokens,
+                                             "us_per_call": seconds * 1e6,
+                                             "pct_of_floor": 100 * floor_s / seconds})  # fmt: skip
+                print("sweep", name, num_tokens, f"{seconds * 1e6:.2f} us", flush=True)
+        except Exception as error:  # noqa: BLE001
+            rows.append({"shape": name, "error": _short(error)})
+            print("sweep", rows[-1], flush=True)
+        finally:
+            _routing_kernels.set_config_override(None)
     report["sweep"] = rows
     return rows
 

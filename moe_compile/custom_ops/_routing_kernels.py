@@ -523,8 +523,8 @@ def _add_counts_then_offsets(
 
 
 # ---------------------------------------------------------------- the kernel
-@triton.jit(do_not_specialize=["num_tokens"])
-def _route_kernel(
+@triton.jit
+def _route_tiles(
     logits_ptr,
     stride_logits_t,
     stride_logits_e,
@@ -570,9 +570,6 @@ def _route_kernel(
     TOKEN_HASH: tl.constexpr,
     HAS_UNPADDED: tl.constexpr,
     LOAD_BINS: tl.constexpr,
-    REMAP_MODE: tl.constexpr,
-    REPLICAS_PAD: tl.constexpr,
-    E_PAD: tl.constexpr,
     COUNT_BINS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     REDO_T: tl.constexpr,
@@ -580,7 +577,12 @@ def _route_kernel(
     REDO_MEMBERS_PER_LANE: tl.constexpr,
     PACKED_TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
+    load_counts,
+    expert_counts,
 ):
+    """Route this program's tiles of ``BLOCK_T`` tokens, adding to its load and expert
+    histograms; the launch shape's layout constexprs are parameters so that one
+    kernel can hold two layouts."""
     CHUNK: tl.constexpr = NUM_GROUPS * MEMBERS_PER_LANE
     # Softmax weights renormalized over the chosen experts need neither the row's
     # sum (it cancels) nor its max (the first chosen logit is the max) when the
@@ -614,27 +616,6 @@ def _route_kernel(
         record_on = tl.load(record_ptr) != 0
         if HAS_UNPADDED:
             counted_slots = tl.load(unpadded_ptr).to(tl.int64) * TOP_K
-        load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
-        if REMAP_MODE == 2:
-            # The whole map, once per program: the per-slot lookups become gathers
-            # from registers / shared memory instead of two dependent global loads.
-            table_expert = tl.arange(0, E_PAD)
-            count_table = tl.load(
-                replica_count_ptr + table_expert * stride_replica_count,
-                mask=table_expert < NUM_REAL_EXPERTS,
-                other=1,
-            ).to(tl.int32)
-            count_table = tl.minimum(tl.maximum(count_table, 1), max_replicas)
-            table_entry = tl.arange(0, E_PAD * REPLICAS_PAD)
-            table_expert2 = table_entry // REPLICAS_PAD
-            table_replica = table_entry % REPLICAS_PAD
-            map_table = tl.load(
-                l2p_ptr + table_expert2 * stride_l2p_e + table_replica * stride_l2p_s,
-                mask=(table_expert2 < NUM_REAL_EXPERTS) & (table_replica < max_replicas),
-                other=-1,
-            ).to(tl.int32)
-    if COUNT_BINS > 0:
-        expert_counts = tl.zeros([COUNT_BINS], dtype=tl.int32)
 
     for tile in range(pid, num_tiles, num_programs):
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -728,24 +709,10 @@ def _route_kernel(
         # ---- EPLB: logical -> physical, and the per-program load histogram
         if HAS_EPLB:
             # 32-bit replica arithmetic: 64-bit division is a long subroutine.
-            if REMAP_MODE == 2:
-                flat_logical = tl.reshape(logical, [BLOCK_T * TOP_K_PAD])
-                replicas = tl.reshape(
-                    tl.gather(count_table, flat_logical, 0), [BLOCK_T, TOP_K_PAD]
-                )
-            else:
-                replicas = tl.load(
-                    replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
-                ).to(tl.int32)
-                replicas = tl.minimum(tl.maximum(replicas, 1), max_replicas)
-            if REMAP_MODE == 1:
-                # Every replica of the row, loaded beside the count rather than after it.
-                replica_slot = tl.arange(0, REPLICAS_PAD)[None, None, :]
-                replica_row = tl.load(
-                    l2p_ptr + logical[:, :, None] * stride_l2p_e + replica_slot * stride_l2p_s,
-                    mask=out_mask[:, :, None] & (replica_slot < max_replicas),
-                    other=-1,
-                )
+            replicas = tl.load(
+                replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
+            ).to(tl.int32)
+            replicas = tl.minimum(tl.maximum(replicas, 1), max_replicas)
             flat_slot = token2 * TOP_K + slot
             if TOKEN_HASH:
                 # (token * 2654435769) mod 2**32, as an unsigned 32-bit product wraps.
@@ -755,20 +722,11 @@ def _route_kernel(
                 replica = flat_slot.to(tl.int32) % replicas
             else:
                 replica = (flat_slot % replicas).to(tl.int32)
-            if REMAP_MODE == 1:
-                chosen = replica_slot == replica[:, :, None]
-                physical = tl.sum(tl.where(chosen, replica_row, 0), axis=2).to(tl.int64)
-            elif REMAP_MODE == 2:
-                flat_entry = tl.reshape(logical * REPLICAS_PAD + replica, [BLOCK_T * TOP_K_PAD])
-                physical = tl.reshape(
-                    tl.gather(map_table, flat_entry, 0), [BLOCK_T, TOP_K_PAD]
-                ).to(tl.int64)
-            else:
-                physical = tl.load(
-                    l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
-                    mask=out_mask,
-                    other=-1,
-                ).to(tl.int64)
+            physical = tl.load(
+                l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
+                mask=out_mask,
+                other=-1,
+            ).to(tl.int64)
             counted = out_mask & record_on & (physical >= 0) & (physical < num_physical)
             if HAS_UNPADDED:
                 counted = counted & (flat_slot < counted_slots)
@@ -808,7 +766,115 @@ def _route_kernel(
             )
             if COUNT_BINS > 0:
                 expert_counts += _bin_counts(shared_ids, shared_mask, num_count_bins, COUNT_BINS)
+    return load_counts, expert_counts
 
+
+@triton.jit(do_not_specialize=["num_tokens", "large_from_tokens"])
+def _route_kernel(
+    logits_ptr,
+    stride_logits_t,
+    stride_logits_e,
+    bias_ptr,
+    stride_bias,
+    weights_ptr,
+    ids_ptr,
+    l2p_ptr,
+    stride_l2p_e,
+    stride_l2p_s,
+    replica_count_ptr,
+    stride_replica_count,
+    load_ptr,
+    stride_load,
+    record_ptr,
+    unpadded_ptr,
+    counts_ptr,
+    offsets_ptr,
+    zero_weight_ptr,
+    num_tokens,
+    num_physical,
+    num_count_bins,
+    max_replicas,
+    routed_scaling_factor,
+    E_ROUTED: tl.constexpr,
+    NUM_REAL_EXPERTS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    LANES: tl.constexpr,
+    MEMBERS_PER_LANE: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    TOP_K: tl.constexpr,
+    TOP_K_PAD: tl.constexpr,
+    OUT_WIDTH: tl.constexpr,
+    HEADS: tl.constexpr,
+    SORT_WIDTH: tl.constexpr,
+    N_SHARED: tl.constexpr,
+    N_SHARED_PAD: tl.constexpr,
+    SCORING: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    HAS_EPLB: tl.constexpr,
+    TOKEN_HASH: tl.constexpr,
+    HAS_UNPADDED: tl.constexpr,
+    LOAD_BINS: tl.constexpr,
+    COUNT_BINS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    REDO_T: tl.constexpr,
+    REDO_LANES: tl.constexpr,
+    REDO_MEMBERS_PER_LANE: tl.constexpr,
+    PACKED_TOP_K: tl.constexpr,
+    PRECISE_MATH: tl.constexpr,
+    large_from_tokens,
+    LARGE_BLOCK_T: tl.constexpr,
+    LARGE_LANES: tl.constexpr,
+    LARGE_MEMBERS_PER_LANE: tl.constexpr,
+    LARGE_HEADS: tl.constexpr,
+    LARGE_SORT_WIDTH: tl.constexpr,
+    LARGE_REDO_T: tl.constexpr,
+):
+    load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
+    expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
+    if LARGE_BLOCK_T > 0:
+        # Large batches take the large-tile layout (more rows per thread, so more
+        # loads in flight per warp); decode-sized ones keep the one-row-per-thread one.
+        if num_tokens >= large_from_tokens:
+            load_counts, expert_counts = _route_tiles(
+                logits_ptr, stride_logits_t, stride_logits_e, bias_ptr, stride_bias, weights_ptr,
+                ids_ptr, l2p_ptr, stride_l2p_e, stride_l2p_s, replica_count_ptr,
+                stride_replica_count, load_ptr, stride_load, record_ptr, unpadded_ptr, counts_ptr,
+                offsets_ptr, zero_weight_ptr, num_tokens, num_physical, num_count_bins,
+                max_replicas, routed_scaling_factor, E_ROUTED, NUM_REAL_EXPERTS, NUM_GROUPS,
+                GROUP_SIZE, LARGE_LANES, LARGE_MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD,
+                OUT_WIDTH, LARGE_HEADS, LARGE_SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING,
+                HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS,
+                LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K,
+                PRECISE_MATH, load_counts, expert_counts
+            )  # fmt: skip
+        else:
+            load_counts, expert_counts = _route_tiles(
+                logits_ptr, stride_logits_t, stride_logits_e, bias_ptr, stride_bias, weights_ptr,
+                ids_ptr, l2p_ptr, stride_l2p_e, stride_l2p_s, replica_count_ptr,
+                stride_replica_count, load_ptr, stride_load, record_ptr, unpadded_ptr, counts_ptr,
+                offsets_ptr, zero_weight_ptr, num_tokens, num_physical, num_count_bins,
+                max_replicas, routed_scaling_factor, E_ROUTED, NUM_REAL_EXPERTS, NUM_GROUPS,
+                GROUP_SIZE, LANES, MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH,
+                HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE,
+                HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T,
+                REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, load_counts,
+                expert_counts
+            )  # fmt: skip
+    else:
+        load_counts, expert_counts = _route_tiles(
+            logits_ptr, stride_logits_t, stride_logits_e, bias_ptr, stride_bias, weights_ptr,
+            ids_ptr, l2p_ptr, stride_l2p_e, stride_l2p_s, replica_count_ptr, stride_replica_count,
+            load_ptr, stride_load, record_ptr, unpadded_ptr, counts_ptr, offsets_ptr,
+            zero_weight_ptr, num_tokens, num_physical, num_count_bins, max_replicas,
+            routed_scaling_factor, E_ROUTED, NUM_REAL_EXPERTS, NUM_GROUPS, GROUP_SIZE, LANES,
+            MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED,
+            N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
+            LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
+            PACKED_TOP_K, PRECISE_MATH, load_counts, expert_counts
+        )  # fmt: skip
+    num_programs = tl.num_programs(0)
     if HAS_EPLB:
         bin_ids = tl.arange(0, LOAD_BINS)
         tl.atomic_add(
@@ -835,9 +901,11 @@ class RouteKernelConfig:
     """Allow the packed-key top-k for 16-bit softmax logits (exact fallback per tile)."""
     lane_experts: int = 32
     """Experts each thread holds of a row (fewer if a group is narrower than a warp)."""
-    remap_mode: int = 0
-    """EPLB map lookups: 0 two dependent loads per slot, 1 the count and the whole
-    replica row at once, 2 the map gathered from a per-program copy."""
+    large_block_tokens: int = 0
+    """A second layout for batches of ``large_from_tokens`` or more (0: none), chosen
+    in the kernel from the token count, so one compiled graph serves every batch size."""
+    large_lane_experts: int = 16
+    large_from_tokens: int = 8192
 
 
 _config_override: RouteKernelConfig | None = None
@@ -924,10 +992,27 @@ def launch_route_kernel(
         and router_logits.dtype in (torch.bfloat16, torch.float16)
     )
     config = config or _config_override or default_config(row_width, packed_top_k, eplb is not None)
-    lanes, members_per_lane = lane_layout(groups, group_size, config.lane_experts)
     # The exact redo of the packed top-k (one group) spreads a row over up to a warp.
     redo_lanes, redo_members_per_lane = lane_layout(1, group_size, 1)
-    lane_keys = groups * members_per_lane
+
+    def tile_layout(block_tokens, lane_experts, prefix=""):
+        lanes, members_per_lane = lane_layout(groups, group_size, lane_experts)
+        lane_keys = groups * members_per_lane
+        return {
+            f"{prefix}BLOCK_T": block_tokens,
+            f"{prefix}LANES": lanes,
+            f"{prefix}MEMBERS_PER_LANE": members_per_lane,
+            f"{prefix}HEADS": triton.next_power_of_2(min(lane_keys, top_k)),
+            f"{prefix}SORT_WIDTH": triton.next_power_of_2(lane_keys),
+            f"{prefix}REDO_T": max(1, min(block_tokens, 32 * config.num_warps // redo_lanes)),
+        }
+
+    layouts = tile_layout(config.block_tokens, config.lane_experts)
+    persistent = eplb is not None or count_outputs is not None
+    if persistent and config.large_block_tokens:
+        layouts |= tile_layout(config.large_block_tokens, config.large_lane_experts, "LARGE_")
+    else:  # LARGE_BLOCK_T = 0 compiles the second layout out
+        layouts |= {f"LARGE_{name}": 0 for name in layouts}
 
     dummy = router_logits  # stands in for absent pointers; never read under its flag
     bias = e_score_correction_bias
@@ -957,7 +1042,7 @@ def launch_route_kernel(
     num_real_experts, zero_weight = zero_experts or (num_routed, dummy)
 
     num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
-    if eplb is not None or count_outputs is not None:
+    if persistent:
         cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
         num_tiles = torch.sym_min(num_tiles, cap)
     grid = (torch.sym_max(num_tiles, 1),)
@@ -994,14 +1079,10 @@ def launch_route_kernel(
         NUM_REAL_EXPERTS=num_real_experts,
         NUM_GROUPS=groups,
         GROUP_SIZE=group_size,
-        LANES=lanes,
-        MEMBERS_PER_LANE=members_per_lane,
         TOPK_GROUP=topk_group if groups > 1 else 1,
         TOP_K=top_k,
         TOP_K_PAD=triton.next_power_of_2(top_k),
         OUT_WIDTH=top_k + num_fused_shared_experts,
-        HEADS=triton.next_power_of_2(min(lane_keys, top_k)),
-        SORT_WIDTH=triton.next_power_of_2(lane_keys),
         N_SHARED=num_fused_shared_experts,
         N_SHARED_PAD=triton.next_power_of_2(max(num_fused_shared_experts, 1)),
         SCORING=SCORING_CODES[scoring_func],
@@ -1011,15 +1092,12 @@ def launch_route_kernel(
         TOKEN_HASH=policy == "token_hash",
         HAS_UNPADDED=unpadded is not None,
         LOAD_BINS=load_bins,
-        REMAP_MODE=config.remap_mode if eplb is not None else 0,
-        REPLICAS_PAD=triton.next_power_of_2(int(max_replicas)),
-        E_PAD=triton.next_power_of_2(num_real_experts),
         COUNT_BINS=count_bins,
-        BLOCK_T=config.block_tokens,
-        REDO_T=max(1, min(config.block_tokens, 32 * config.num_warps // redo_lanes)),
         REDO_LANES=redo_lanes,
         REDO_MEMBERS_PER_LANE=redo_members_per_lane,
         PACKED_TOP_K=packed_top_k and config.packed_top_k,
         PRECISE_MATH=not _INTERPRETING,
+        large_from_tokens=config.large_from_tokens,
+        **layouts,
         num_warps=config.num_warps,
     )

@@ -139,6 +139,25 @@ def _cases():
         num_experts=20, top_k=3, num_tokens=9, count_bins=20, eplb=True, via_op=True
     )
     cases["counts_empty_batch"] = dict(num_experts=20, top_k=3, num_tokens=0, count_bins=20)
+    # The kernel's second (large-batch) layout, taken from a token count on: here
+    # taken (37 >= 30) and not (37 < 40), with EPLB, counts, the packed redo, zero experts.
+    for threshold in (30, 40):
+        cases[f"two_layouts_eplb_from{threshold}"] = dict(
+            num_experts=32, top_k=4, num_tokens=37, eplb=True, policy="modulo",
+            small_tiles=True, large_from_tokens=threshold, ties=True,
+        )  # fmt: skip
+    cases["two_layouts_counts_shared"] = dict(
+        num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
+        count_bins=40, large_from_tokens=16,
+    )  # fmt: skip
+    cases["two_layouts_packed_redo"] = dict(
+        num_experts=64, top_k=3, num_tokens=21, special="collide", eplb=True, small_tiles=True,
+        large_from_tokens=16,
+    )  # fmt: skip
+    cases["two_layouts_grouped_zero_experts"] = dict(
+        num_experts=32, zero=4, top_k=4, num_tokens=19, scoring="sigmoid", bias=True, ties=True,
+        groups=4, topk_group=2, eplb=True, small_tiles=True, large_from_tokens=8,
+    )  # fmt: skip
     # Zero experts (LongCat-Flash): the masking before the remap, and its per-token weight.
     cases["zero_experts_bias_ties"] = dict(
         num_experts=20, zero=4, top_k=3, num_tokens=17, bias=True, ties=True, scale=1.5
@@ -177,15 +196,6 @@ def _cases():
                 unpadded=unpadded,
                 small_tiles=True,
             )
-        for remap_mode in (1, 2):
-            cases[f"eplb_{policy}_remap_mode{remap_mode}_corrupt_map"] = dict(
-                num_experts=20, top_k=3, num_tokens=31, eplb=True, policy=policy, corrupt=True,
-                small_tiles=True, remap_mode=remap_mode,
-            )  # fmt: skip
-            cases[f"zero_experts_eplb_{policy}_remap_mode{remap_mode}"] = dict(
-                num_experts=20, zero=4, top_k=3, num_tokens=23, bias=True, eplb=True,
-                policy=policy, small_tiles=True, remap_mode=remap_mode,
-            )  # fmt: skip
         cases[f"eplb_{policy}_record_off"] = dict(
             num_experts=20, top_k=3, num_tokens=9, eplb=True, policy=policy, record=False
         )
@@ -232,7 +242,7 @@ def _run_case(
     lane_experts=None,
     count_bins=None,
     zero=0,
-    remap_mode=0,
+    large_from_tokens=None,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -302,9 +312,15 @@ def _run_case(
         return state, backing
 
     if small_tiles:
+        # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
+        large = {}
+        if large_from_tokens is not None:
+            large = dict(
+                large_block_tokens=8, large_lane_experts=4, large_from_tokens=large_from_tokens
+            )
         _routing_kernels.set_config_override(
             _routing_kernels.RouteKernelConfig(
-                block_tokens=4, num_warps=1, programs_per_sm=1, remap_mode=remap_mode
+                block_tokens=4, num_warps=1, programs_per_sm=1, **large
             )
         )
     if lane_experts is not None:
