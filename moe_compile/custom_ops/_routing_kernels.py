@@ -52,6 +52,7 @@ exp/log, which are also accurate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -920,19 +921,30 @@ def set_config_override(config: RouteKernelConfig | None) -> None:
 def default_config(
     row_width: int, packed_top_k: bool = True, eplb: bool = True
 ) -> RouteKernelConfig:
-    """Launch shape from an H100 sweep (``--sweep`` in bench/routing_kernel.py).
+    """Launch shape from H100 sweeps (``--sweep`` in bench/routing_kernel.py).
 
-    int32 keys: 32 experts per lane, one row per thread without EPLB and two
-    with it (fewer programs, so fewer load atomics). int64 keys: 8 experts per
-    lane and eight rows per thread.
+    int32 keys: 32 experts per lane, one row per thread. With EPLB (a persistent
+    grid of few programs, so few load atomics) batches of 3072 tokens or more
+    take a second layout of 16 experts per lane and eight rows per thread, whose
+    independent loads hide the latency the few programs leave exposed (E=256:
+    43 us instead of 75 us at 65536 tokens, 4.5 us at one token). int64 keys:
+    8 experts per lane and eight rows per thread.
     """
-    lane_experts, rows_per_thread = (32, 2 if eplb else 1) if packed_top_k else (8, 8)
-    lanes = max(1, min(32, row_width // lane_experts))
     num_warps = 4
-    block_tokens = min(256, rows_per_thread * 32 * num_warps // lanes)
-    return RouteKernelConfig(
-        block_tokens=block_tokens, num_warps=num_warps, lane_experts=lane_experts
-    )
+    if not packed_top_k:
+        lanes = max(1, min(32, row_width // 8))
+        return RouteKernelConfig(min(256, 8 * 32 * num_warps // lanes), num_warps, lane_experts=8)
+    lanes = max(1, min(32, row_width // 32))
+    config = RouteKernelConfig(min(256, 32 * num_warps // lanes), num_warps, lane_experts=32)
+    if eplb and row_width >= 128:
+        large_lanes = max(1, min(32, row_width // 16))
+        config = dataclasses.replace(
+            config,
+            large_block_tokens=min(256, 8 * 32 * num_warps // large_lanes),
+            large_lane_experts=16,
+            large_from_tokens=3072,
+        )
+    return config
 
 
 def lane_layout(num_groups: int, group_size: int, lane_experts: int) -> tuple[int, int]:
