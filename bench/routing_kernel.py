@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -571,28 +572,25 @@ def run_timings(args, device, bandwidth, deadline, out_path, report) -> list[Tim
 
 def run_sweep(device, bandwidth, report) -> list[dict]:
     """Kernel launch shapes (the knobs ``RouteKernelConfig`` exposes), EPLB on, E=256 k=8:
-    each shape is checked against eager at two sizes, then timed over batch sizes. A
-    shape with a second (large-batch) layout runs with it forced on and forced off."""
+    each shape is checked against eager at three sizes, then timed over batch sizes."""
     config = _routing_kernels.RouteKernelConfig
-    never = 1 << 30
+    default = _routing_kernels.default_config(256, True, True)
     shapes = {
+        "default": default,
+        "default+slot_atomics": dataclasses.replace(default, slot_atomics=True),
         "4w_32x32": config(32, 4, 2, lane_experts=32),
-        "4w_16x32+64x16": config(16, 4, 2, 32, large_block_tokens=64, large_from_tokens=0),
-        "4w_16x32": config(16, 4, 2, 32, large_block_tokens=64, large_from_tokens=never),
-        "8w_32x32+128x16": config(32, 8, 1, 32, large_block_tokens=128, large_from_tokens=0),
-        "8w_32x32": config(32, 8, 1, 32, large_block_tokens=128, large_from_tokens=never),
-        "8w_32x32+64x16": config(32, 8, 1, 32, large_block_tokens=64, large_from_tokens=0),
+        "8w_32x32+128x16": config(32, 8, 1, 32, large_block_tokens=128, large_from_tokens=8192),
     }
     if device.type != "cuda":
         shapes = dict(list(shapes.items())[:2])
     case = next(c for c in CASES if c.name == "E256_k8")
-    tokens = (1, 128, 1024, 4096, 8192, 16384, 65536) if device.type == "cuda" else (1, 33)
+    tokens = (1, 16, 128, 1024, 2048, 4096, 16384, 65536) if device.type == "cuda" else (1, 33)
     l2 = l2_bytes(device)
     rows = []
     for name, shape in shapes.items():
         _routing_kernels.set_config_override(shape)
         try:
-            for num_tokens in (4099, 65536) if device.type == "cuda" else (33,):
+            for num_tokens in (1000, 4099, 65536) if device.type == "cuda" else (33,):
                 problem = make_problem(case, num_tokens, True, device, ties=True, seed=9)
                 check = check_problem("kernel", problem)
                 rows.append({"shape": name, "check": check["check"], "ok": check["ok"]})

@@ -578,6 +578,7 @@ def _route_tiles(
     REDO_MEMBERS_PER_LANE: tl.constexpr,
     PACKED_TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
+    SLOT_ATOMICS: tl.constexpr,
     load_counts,
     expert_counts,
 ):
@@ -731,9 +732,19 @@ def _route_tiles(
             counted = out_mask & record_on & (physical >= 0) & (physical < num_physical)
             if HAS_UNPADDED:
                 counted = counted & (flat_slot < counted_slots)
-            # Slots not counted go to the spare bin `num_physical` (< LOAD_BINS).
-            bins = tl.where(counted, physical, num_physical).to(tl.int32)
-            load_counts += tl.histogram(tl.reshape(bins, [BLOCK_T * TOP_K_PAD]), LOAD_BINS)
+            if SLOT_ATOMICS:
+                # Few slots per program (small batches): an atomic each is cheaper
+                # than the histogram and its flush.
+                tl.atomic_add(
+                    load_ptr + physical * stride_load,
+                    tl.full(physical.shape, 1, load_ptr.dtype.element_ty),
+                    mask=counted.to(tl.int32) != 0,  # (the interpreter rejects a broadcast mask)
+                    sem="relaxed",
+                )
+            else:
+                # Slots not counted go to the spare bin `num_physical` (< LOAD_BINS).
+                bins = tl.where(counted, physical, num_physical).to(tl.int32)
+                load_counts += tl.histogram(tl.reshape(bins, [BLOCK_T * TOP_K_PAD]), LOAD_BINS)
             out_ids = physical
         else:
             out_ids = logical
@@ -831,6 +842,7 @@ def _route_kernel(
     LARGE_HEADS: tl.constexpr,
     LARGE_SORT_WIDTH: tl.constexpr,
     LARGE_REDO_T: tl.constexpr,
+    SLOT_ATOMICS: tl.constexpr,
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
@@ -848,7 +860,7 @@ def _route_kernel(
                 OUT_WIDTH, LARGE_HEADS, LARGE_SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING,
                 HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS,
                 LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K,
-                PRECISE_MATH, load_counts, expert_counts
+                PRECISE_MATH, False, load_counts, expert_counts
             )  # fmt: skip
         else:
             load_counts, expert_counts = _route_tiles(
@@ -860,7 +872,8 @@ def _route_kernel(
                 GROUP_SIZE, LANES, MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH,
                 HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE,
                 HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T,
-                REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, load_counts,
+                REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
+                load_counts,
                 expert_counts
             )  # fmt: skip
     else:
@@ -873,7 +886,7 @@ def _route_kernel(
             MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED,
             N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
             LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
-            PACKED_TOP_K, PRECISE_MATH, load_counts, expert_counts
+            PACKED_TOP_K, PRECISE_MATH, False, load_counts, expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB:
@@ -907,6 +920,9 @@ class RouteKernelConfig:
     in the kernel from the token count, so one compiled graph serves every batch size."""
     large_lane_experts: int = 16
     large_from_tokens: int = 8192
+    slot_atomics: bool = False
+    """With a large layout: the small one counts the load with an atomic per slot
+    instead of a per-program histogram (few slots per program)."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -1110,6 +1126,7 @@ def launch_route_kernel(
         PACKED_TOP_K=packed_top_k and config.packed_top_k,
         PRECISE_MATH=not _INTERPRETING,
         large_from_tokens=config.large_from_tokens,
+        SLOT_ATOMICS=bool(config.slot_atomics and layouts["LARGE_BLOCK_T"]),
         **layouts,
         num_warps=config.num_warps,
     )

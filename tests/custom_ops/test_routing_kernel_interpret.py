@@ -146,6 +146,20 @@ def _cases():
             num_experts=32, top_k=4, num_tokens=37, eplb=True, policy="modulo",
             small_tiles=True, large_from_tokens=threshold, ties=True,
         )  # fmt: skip
+    # Below the large layout's threshold, a load atomic per slot instead of a histogram.
+    for load_dtype in ("int32", "int64", "float32"):
+        cases[f"two_layouts_slot_atomics_{load_dtype}_padded"] = dict(
+            num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True,
+            large_from_tokens=40, slot_atomics=True, load_dtype=load_dtype, unpadded=29,
+        )  # fmt: skip
+    cases["two_layouts_slot_atomics_corrupt_map_record_off"] = dict(
+        num_experts=20, top_k=3, num_tokens=31, eplb=True, small_tiles=True, corrupt=True,
+        large_from_tokens=40, slot_atomics=True, record=False,
+    )  # fmt: skip
+    cases["two_layouts_slot_atomics_corrupt_map"] = dict(
+        num_experts=20, top_k=3, num_tokens=31, eplb=True, small_tiles=True, corrupt=True,
+        large_from_tokens=40, slot_atomics=True,
+    )  # fmt: skip
     cases["two_layouts_counts_shared"] = dict(
         num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
         count_bins=40, large_from_tokens=16,
@@ -243,6 +257,7 @@ def _run_case(
     count_bins=None,
     zero=0,
     large_from_tokens=None,
+    slot_atomics=False,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -316,7 +331,10 @@ def _run_case(
         large = {}
         if large_from_tokens is not None:
             large = dict(
-                large_block_tokens=8, large_lane_experts=4, large_from_tokens=large_from_tokens
+                large_block_tokens=8,
+                large_lane_experts=4,
+                large_from_tokens=large_from_tokens,
+                slot_atomics=slot_atomics,
             )
         _routing_kernels.set_config_override(
             _routing_kernels.RouteKernelConfig(
