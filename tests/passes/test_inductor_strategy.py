@@ -9,7 +9,6 @@ from torch._inductor.utils import fresh_cache, run_and_get_code
 
 import moe_compile as mc
 
-
 ROUTERS = {
     "grouped_sigmoid_bias": dict(
         scoring_func="sigmoid",
