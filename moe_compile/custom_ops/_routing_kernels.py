@@ -40,9 +40,17 @@ keys before the sort.
 
 After the selection, per chosen slot: the weight from the logit re-read at the
 chosen id, the zero-expert masking (``NUM_REAL_EXPERTS < E_ROUTED``), with EPLB
-the physical id, then the shared-expert columns. The load is counted into a per-program histogram
-over the physical experts; each program adds it with one atomic per touched
-expert after its last tile (with EPLB the grid is a few programs per SM).
+the physical id, then the shared-expert columns. The load is counted into a
+per-program histogram over the physical experts; each program adds it with one
+atomic per touched expert after its last tile (with EPLB the grid is a few
+programs per SM).
+
+Two layouts (``LARGE_*``). The persistent grid (EPLB or counts) leaves few
+warps per SM, so from ``large_from_tokens`` on, the kernel routes with a second
+layout of fewer experts and more rows per thread, whose independent loads keep
+more requests in flight; the choice is made in the kernel from the token count, so
+one compiled graph serves every batch size. Below it a program routes few
+slots and counts each with an atomic (``SLOT_ATOMICS``) instead of the histogram.
 
 float32 rounding of scores is device math: eager on the CPU and on the GPU can
 already disagree on which distinct logits tie. Under the interpreter
