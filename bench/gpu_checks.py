@@ -262,9 +262,7 @@ def _replicated_state(num_logical: int, num_redundant: int, device) -> mc.EplbLa
     experts = torch.arange(num_logical, device=device)
     l2p = torch.stack([experts, num_logical + experts % num_redundant]).T.contiguous()
     return mc.EplbLayerState(
-        expert_load_view=torch.zeros(
-            num_logical + num_redundant, dtype=torch.int32, device=device
-        ),
+        expert_load_view=torch.zeros(num_logical + num_redundant, dtype=torch.int32, device=device),
         logical_to_physical_map=l2p,
         logical_replica_count=torch.where(experts < num_redundant, 2, 1),
         should_record_tensor=torch.tensor(True, device=device),

@@ -642,9 +642,7 @@ def _route_zero_experts_op(
                                     replica_policy)  # fmt: skip
     if use_triton_kernel(router_logits.device, router_logits.shape[1], num_expert_group):
         eplb = None if state is None else (state, replica_policy)
-        return _route_triton(
-            *args, 0, indices_dtype, eplb=eplb, num_real_experts=num_real_experts
-        )
+        return _route_triton(*args, 0, indices_dtype, eplb=eplb, num_real_experts=num_real_experts)
     return route_zero_experts_reference(
         *args, indices_dtype, num_real_experts, eplb_state=state, replica_policy=replica_policy
     )

@@ -46,9 +46,7 @@ def _is_zero(value) -> bool:
     """A literal 0 or a 0-d ``full([], 0)`` node."""
     if isinstance(value, torch.fx.Node):
         return (
-            value.target is _aten.full.default
-            and list(value.args[0]) == []
-            and value.args[1] == 0
+            value.target is _aten.full.default and list(value.args[0]) == [] and value.args[1] == 0
         )
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
@@ -127,7 +125,9 @@ def fold_zero_expert_routing(graph: torch.fx.Graph) -> int:
     """``route`` + zero-expert masking [+ ``eplb_remap``] -> ``route_zero_experts``."""
     op = torch.ops.moe_compile.route_zero_experts.default
     folded = 0
-    for route in list(graph.find_nodes(op="call_function", target=torch.ops.moe_compile.route.default)):
+    for route in list(
+        graph.find_nodes(op="call_function", target=torch.ops.moe_compile.route.default)
+    ):
         masking = _find_masking(route)
         if masking is None:
             continue

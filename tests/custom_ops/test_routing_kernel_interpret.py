@@ -370,6 +370,7 @@ def _run_case(
             return routing.route_zero_experts_reference(
                 *zero_args, eplb_state=eplb_state, replica_policy=replica_policy
             )
+
     try:
         if eplb:
             state, backing = make_state()
