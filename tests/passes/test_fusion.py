@@ -398,3 +398,27 @@ def test_top_k_made_a_graph_input_is_left_unfused_and_correct():
         assert [graph.applied["routing"] for graph in backend.graphs] == fused
         if dynamic is None:
             assert "SymInt" in backend.graphs[1].after
+
+
+def test_simulator_router_eplb_chain_fuses_into_one_remap():
+    """The simulator's random routing graph-breaks on its generator (nothing to fuse);
+    the EPLB remap and count after it still become one ``eplb_remap``, equal to eager."""
+    options = dict(top_k=TOP_K, global_num_experts=NUM_EXPERTS + 4)
+    options["routing_simulation_strategy"] = "normal_routing"
+    results = []
+    for compiled in (False, True):
+        state = make_eplb_state(NUM_EXPERTS, NUM_EXPERTS + 4)
+        router = mc.create_fused_moe_router(eplb_state=state, **options)
+        backend = PassTestBackend()
+        fn = (
+            torch.compile(router.select_experts, backend=backend)
+            if compiled
+            else router.select_experts
+        )
+        weights, ids = fn(torch.randn(NUM_TOKENS, 4), torch.randn(NUM_TOKENS, NUM_EXPERTS))
+        results.append((weights, ids, state.expert_load_view.clone()))
+    assert_same(*results)
+    assert int(results[1][2].sum()) == NUM_TOKENS * TOP_K
+    remaps = [g.ops_after.get("moe_compile.eplb_remap", 0) for g in backend.graphs]
+    assert sum(remaps) == 1
+    assert not any(g.ops_after.get("aten.index_put", 0) for g in backend.graphs)
