@@ -422,3 +422,28 @@ def test_simulator_router_eplb_chain_fuses_into_one_remap():
     remaps = [g.ops_after.get("moe_compile.eplb_remap", 0) for g in backend.graphs]
     assert sum(remaps) == 1
     assert not any(g.ops_after.get("aten.index_put", 0) for g in backend.graphs)
+
+
+def test_zero_expert_masking_with_another_use_of_the_unmasked_ids_is_not_folded():
+    """The fold replaces the masking only when nothing else reads the unmasked ids or
+    weights; here the raw ids are also returned, so routing fuses alone and the
+    masking stays in the graph, with results equal to eager."""
+    from moe_compile.router.custom import mask_zero_experts
+    from moe_compile.router.topk import fused_topk_bias
+
+    bias = torch.linspace(-0.2, 0.2, NUM_EXPERTS + 2)
+
+    def route(logits):
+        weights, ids = fused_topk_bias(logits, bias, TOP_K, True, "softmax", 1.5)
+        masked_weights, masked_ids, zero_weight = mask_zero_experts(weights, ids, NUM_EXPERTS)
+        return masked_weights, masked_ids, zero_weight, ids
+
+    logits = tied_logits(NUM_TOKENS, NUM_EXPERTS + 2)
+    logits[::2, NUM_EXPERTS:] = 4.0
+    backend = PassTestBackend()
+    got = torch.compile(route, backend=backend, fullgraph=True)(logits)
+    for a, b in zip(got, route(logits), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    graph = backend.graphs[0]
+    assert graph.applied["routing"] == 1 and graph.applied["zero_experts"] == 0
+    assert graph.ops_after["moe_compile.route"] == 1 and graph.ops_after["aten.ge"] == 1
