@@ -99,6 +99,12 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     router.add_argument(
         "--num-shared-experts", type=int, default=0, help="num_fused_shared_experts"
     )
+    router.add_argument(
+        "--zero-experts",
+        type=int,
+        default=0,
+        help="LongCat-style zero experts after the real ones (ZeroExpertRouter; implies a bias)",
+    )
     router.add_argument("--logits-dtype", choices=("float32", "bfloat16"), default="float32")
     router.add_argument("--indices-dtype", choices=("int32", "int64"), default=None)
     eplb = parser.add_argument_group("EPLB (on when --redundant-experts is given)")
@@ -152,13 +158,18 @@ def explain(args: argparse.Namespace) -> str:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
     if args.grouped and (args.num_expert_group is None or args.topk_group is None):
         raise ValueError("--grouped needs --num-expert-group and --topk-group")
+    if args.zero_experts < 0:
+        raise ValueError(f"--zero-experts must be >= 0, got {args.zero_experts}")
     if args.redundant_experts is not None and args.redundant_experts < 0:
         raise ValueError(f"--redundant-experts must be >= 0, got {args.redundant_experts}")
     num_experts = args.num_experts
     num_redundant = args.redundant_experts or 0
     state = None if args.redundant_experts is None else _eplb_state(num_experts, num_redundant)
     generator = torch.Generator().manual_seed(0)
-    bias = torch.randn(num_experts, generator=generator) * 0.1 if args.bias else None
+    num_columns = num_experts + args.num_shared_experts + args.zero_experts
+    bias = None
+    if args.bias or args.zero_experts:
+        bias = torch.randn(num_experts + args.zero_experts, generator=generator) * 0.1
     router = create_fused_moe_router(
         top_k=args.top_k,
         global_num_experts=num_experts + num_redundant,
@@ -171,6 +182,7 @@ def explain(args: argparse.Namespace) -> str:
         num_expert_group=args.num_expert_group,
         topk_group=args.topk_group,
         num_fused_shared_experts=args.num_shared_experts,
+        zero_expert_type="identity" if args.zero_experts else None,
         num_logical_experts=num_experts,
         indices_dtype=_DTYPES[args.indices_dtype] if args.indices_dtype else None,
         eplb_replica_policy=args.replica_policy,
@@ -182,9 +194,9 @@ def explain(args: argparse.Namespace) -> str:
     )
     recorder = PassTestBackend(MoEFusionPass(config))
     hidden_states = torch.randn(args.tokens, 8, generator=generator)
-    logits = torch.randn(
-        args.tokens, num_experts + args.num_shared_experts, generator=generator
-    ).to(_DTYPES[args.logits_dtype])
+    logits = torch.randn(args.tokens, num_columns, generator=generator).to(
+        _DTYPES[args.logits_dtype]
+    )
     mark_dynamic_tokens(hidden_states, logits)
     compiled = torch.compile(router.select_experts, backend=recorder, fullgraph=True)
     with torch.no_grad():

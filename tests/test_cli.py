@@ -47,6 +47,16 @@ def test_explain_grouped_with_eplb_fuses_into_route_eplb(capsys):
     assert "routed_scaling_factor=2.5" in after
 
 
+def test_explain_zero_experts_with_eplb_fuses_into_route_zero_experts(capsys):
+    code, out = run(
+        capsys, "explain", "--zero-experts", "4", "--redundant-experts", "4", "--ops-only"
+    )
+    assert code == 0
+    assert "ZeroExpertRouter; EPLB on" in out.out
+    assert "put in     : auto_functionalized(moe_compile.route_zero_experts)" in out.out
+    assert "aten.index_put" in out.out.split("fused away :")[1].split("\n")[0]
+
+
 def test_explain_without_eplb_fusion_leaves_the_remap(capsys):
     code, out = run(
         capsys, "explain", *DEEPSEEK_FLAGS, "--redundant-experts", "4", "--no-fuse-eplb"
@@ -76,6 +86,7 @@ def test_explain_reports_when_nothing_fuses(capsys):
     "argv, message",
     [
         (("explain", "--grouped"), "--grouped needs --num-expert-group"),
+        (("explain", "--zero-experts", "-1"), "--zero-experts must be >= 0"),
         (("explain", "--redundant-experts", "-1"), "--redundant-experts must be >= 0"),
         (("explain", "--tokens", "0"), "--tokens must be >= 1"),
         (("explain", "--top-k", "40"), "top_k"),
