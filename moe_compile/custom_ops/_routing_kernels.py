@@ -914,7 +914,8 @@ def _route_kernel(
 # ---------------------------------------------------------------- launch
 @dataclass(frozen=True)
 class RouteKernelConfig:
-    """Launch shape: tokens per tile, warps, experts per lane, and (EPLB only) programs per SM."""
+    """Launch shape: tokens per tile, warps, experts per lane, and (persistent grid: EPLB
+    or counts) programs per SM and an optional second layout for large batches."""
 
     block_tokens: int
     num_warps: int
@@ -927,7 +928,7 @@ class RouteKernelConfig:
     """A second layout for batches of ``large_from_tokens`` or more (0: none), chosen
     in the kernel from the token count, so one compiled graph serves every batch size."""
     large_lane_experts: int = 16
-    large_from_tokens: int = 8192
+    large_from_tokens: int = 3072
     slot_atomics: bool = False
     """With a large layout: the small one counts the load with an atomic per slot
     instead of a per-program histogram (few slots per program)."""
@@ -968,7 +969,6 @@ def default_config(
             config,
             large_block_tokens=min(256, 8 * 32 * num_warps // large_lanes),
             large_lane_experts=16,
-            large_from_tokens=3072,
             slot_atomics=True,
         )
     return config
