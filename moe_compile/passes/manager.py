@@ -75,7 +75,7 @@ class MoEFusionPass(CustomGraphPass):
             has_count = bool(graph.find_nodes(op="call_function", target=_ACCUMULATE))
             applied["eplb_remap"] = eplb_patterns(graph).apply(graph) if has_count else 0
             applied["route_eplb"] = fold_remap_into_routing(graph)
-        if self.config.fuse_routing:
+        if self.config.fuse_routing:  # after the EPLB patterns: it takes their eplb_remap
             applied["zero_experts"] = fold_zero_expert_routing(graph)
         if self.config.fold_index_casts:
             applied["index_cast"] = fold_index_casts(graph)
