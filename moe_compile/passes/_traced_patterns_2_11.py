@@ -5,7 +5,7 @@
 # ruff: noqa
 
 TORCH_VERSION = '2.11.0'
-SOURCES_SHA256 = 'aac96c60b9a635e2e7e446d709fcd83213f594579723ea797a557dd80b1b082f'
+SOURCES_SHA256 = 'fca567146c5334de0058d57eed8832e4343cee1340f434931df69e6fabb64ae1'
 
 GRAPHS = {
     'eplb_modulo_padded(int32[13, 6], int32[32, 3], int32[32], int32[40], bool[], int64[]; )': """\

@@ -203,16 +203,33 @@ def _between_head(found: _RouteToRemap, remap: torch.fx.Node) -> torch.fx.Node:
 
 
 def _route_arg(route: torch.fx.Node, name: str):
+    return _route_kwargs(route)[name]
+
+
+def _route_kwargs(route: torch.fx.Node) -> dict:
+    """A ``route`` node's arguments by name."""
     params = [a.name for a in route.target._schema.arguments]
-    index = params.index(name)
-    return route.args[index] if index < len(route.args) else route.kwargs[name]
+    return dict(zip(params, route.args, strict=False)) | dict(route.kwargs)
+
+
+_REMAP_ARGUMENTS = (
+    "logical_to_physical_map",
+    "logical_replica_count",
+    "expert_load_view",
+    "should_record",
+    "num_unpadded_tokens",
+    "replica_policy",
+)
+
+
+def _remap_kwargs(remap: torch.fx.Node) -> dict:
+    """An ``eplb_remap`` node's EPLB arguments (all but the ids), by the fused ops' names."""
+    return dict(zip(_REMAP_ARGUMENTS, remap.args[1:], strict=True))
 
 
 def fold_remap_into_routing(graph: torch.fx.Graph) -> int:
     """``route -> eplb_remap`` becomes one ``route_eplb``; returns how many were folded."""
-    route_op = torch.ops.moe_compile.route.default
     route_eplb_op = torch.ops.moe_compile.route_eplb.default
-    route_params = [a.name for a in route_op._schema.arguments]
     folded = 0
     for remap in list(
         graph.find_nodes(op="call_function", target=torch.ops.moe_compile.eplb_remap.default)
@@ -224,15 +241,7 @@ def fold_remap_into_routing(graph: torch.fx.Graph) -> int:
         route_outputs, remap_outputs = _getitem_users(route), _getitem_users(remap)
         if route_outputs is None or remap_outputs is None:
             continue
-        kwargs = dict(zip(route_params, route.args, strict=False)) | dict(route.kwargs)
-        kwargs.update(
-            logical_to_physical_map=remap.args[1],
-            logical_replica_count=remap.args[2],
-            expert_load_view=remap.args[3],
-            should_record=remap.args[4],
-            num_unpadded_tokens=remap.args[5],
-            replica_policy=remap.args[6],
-        )
+        kwargs = _route_kwargs(route) | _remap_kwargs(remap)
         with graph.inserting_before(found.shared_cat or remap):
             fused = graph.call_function(auto_functionalized, (route_eplb_op,), kwargs)
             weights, ids, load = (

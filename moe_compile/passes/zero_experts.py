@@ -26,7 +26,15 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch._inductor.pattern_matcher import stable_topological_sort
 
-from .eplb import _getitem_users, _is_integer_cast, _route_arg, _single_user
+from .eplb import (
+    _REMAP_ARGUMENTS,
+    _getitem_users,
+    _is_integer_cast,
+    _remap_kwargs,
+    _route_arg,
+    _route_kwargs,
+    _single_user,
+)
 from .tracing import set_fake_values
 
 _aten = torch.ops.aten
@@ -132,35 +140,18 @@ def fold_zero_expert_routing(graph: torch.fx.Graph) -> int:
         if masking is None:
             continue
         found = _find_remap(masking.ids)
-        remap_outputs = None
-        if found is not None:
-            remap_outputs = _getitem_users(found[0])
-            if remap_outputs is None:
-                found = None
-        kwargs = {
-            name: _route_arg(route, name)
-            for name in (
-                "router_logits",
-                "e_score_correction_bias",
-                "top_k",
-                "scoring_func",
-                "renormalize",
-                "routed_scaling_factor",
-                "num_expert_group",
-                "topk_group",
-            )
-        }
-        remap = found[0] if found else None
+        remap_outputs = _getitem_users(found[0]) if found else None
+        remap, casts = found if remap_outputs is not None else (None, [])
+        kwargs = _route_kwargs(route)
+        del kwargs["num_fused_shared_experts"]  # 0: _find_masking checked it
         kwargs.update(
             indices_dtype=(remap.args[0] if remap else masking.ids).meta["val"].dtype,
             num_real_experts=masking.num_real_experts,
-            logical_to_physical_map=remap.args[1] if remap else None,
-            logical_replica_count=remap.args[2] if remap else None,
-            expert_load_view=remap.args[3] if remap else None,
-            should_record=remap.args[4] if remap else None,
-            num_unpadded_tokens=remap.args[5] if remap else None,
-            replica_policy=remap.args[6] if remap else "token_hash",
         )
+        if remap is None:
+            kwargs |= dict.fromkeys(_REMAP_ARGUMENTS) | {"replica_policy": "token_hash"}
+        else:
+            kwargs |= _remap_kwargs(remap)
         with graph.inserting_before(remap or masking.ids):
             fused = graph.call_function(auto_functionalized, (op,), kwargs)
             outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(4)]
@@ -176,7 +167,7 @@ def fold_zero_expert_routing(graph: torch.fx.Graph) -> int:
                 remap_outputs[0].replace_all_uses_with(outputs[1])
             if 1 in remap_outputs:
                 remap_outputs[1].replace_all_uses_with(outputs[3])
-            dead = [*remap_outputs.values(), remap, *reversed(found[1]), *dead]
+            dead = [*remap_outputs.values(), remap, *reversed(casts), *dead]
         for node in dict.fromkeys(dead):
             if isinstance(node, torch.fx.Node) and not node.users:
                 graph.erase_node(node)
