@@ -142,14 +142,15 @@ def decomposed_route_eplb(
         num_fused_shared_experts=num_fused_shared_experts,
         **route_options,
     )
-    eplb = (
+    physical, new_load = _remap_and_count(
+        ids[:, :top_k],
         logical_to_physical_map,
         logical_replica_count,
         expert_load_view,
         should_record,
         num_unpadded_tokens,
+        replica_policy,
     )
-    physical, new_load = _remap_and_count(ids[:, :top_k], *eplb, replica_policy)
     if num_fused_shared_experts:
         physical = torch.cat([physical, ids[:, top_k:]], dim=-1)
     return weights, physical.to(indices_dtype), new_load
@@ -177,14 +178,15 @@ def decomposed_route_zero_experts(
     weights, ids, zero_weight = mask_zero_experts(weights, ids, num_real_experts)
     if logical_to_physical_map is None:
         return weights, ids.to(indices_dtype), zero_weight
-    eplb = (
+    physical, new_load = _remap_and_count(
+        ids,
         logical_to_physical_map,
         logical_replica_count,
         expert_load_view,
         should_record,
         num_unpadded_tokens,
+        replica_policy,
     )
-    physical, new_load = _remap_and_count(ids, *eplb, replica_policy)
     return weights, physical.to(indices_dtype), zero_weight, new_load
 
 
@@ -242,11 +244,19 @@ def _replace(match: Match, kwargs: dict, tensor_names: tuple[str, ...], fn) -> N
     match.replace_by_example(replacement, [kwargs[n] for n in present])
 
 
+def _counting_op_lowering(decomposed):
+    """The pattern handler that replaces an op with a load counter by ``decomposed``."""
+
+    def lower(match: Match, **kwargs):
+        _replace(match, kwargs, _ROUTE_TENSORS + _EPLB_TENSORS, decomposed)
+
+    return lower
+
+
 @functools.cache
 def lowering_patterns() -> PatternMatcherPass:
     patterns = PatternMatcherPass(pass_name="moe_compile_inductor_lowering")
     route_op = torch.ops.moe_compile.route.default
-    route_eplb_op = torch.ops.moe_compile.route_eplb.default
 
     @register_graph_pattern(
         CallFunction(route_op, *(KeywordArg(n) for n in _params(route_op))), pass_dict=patterns
@@ -260,28 +270,14 @@ def lowering_patterns() -> PatternMatcherPass:
 
         _replace(match, kwargs, _ROUTE_TENSORS, route)
 
-    @register_graph_pattern(
-        CallFunction(
-            auto_functionalized,
-            route_eplb_op,
-            **{n: KeywordArg(n) for n in _params(route_eplb_op)},
-        ),
-        pass_dict=patterns,
-    )
-    def lower_route_eplb(match: Match, **kwargs):
-        _replace(match, kwargs, _ROUTE_TENSORS + _EPLB_TENSORS, decomposed_route_eplb)
-
-    route_zero_op = torch.ops.moe_compile.route_zero_experts.default
-
-    @register_graph_pattern(
-        CallFunction(
-            auto_functionalized,
-            route_zero_op,
-            **{n: KeywordArg(n) for n in _params(route_zero_op)},
-        ),
-        pass_dict=patterns,
-    )
-    def lower_route_zero_experts(match: Match, **kwargs):
-        _replace(match, kwargs, _ROUTE_TENSORS + _EPLB_TENSORS, decomposed_route_zero_experts)
+    # The ops with a load counter, inserted through auto_functionalized.
+    for op, decomposed in (
+        (torch.ops.moe_compile.route_eplb.default, decomposed_route_eplb),
+        (torch.ops.moe_compile.route_zero_experts.default, decomposed_route_zero_experts),
+    ):
+        register_graph_pattern(
+            CallFunction(auto_functionalized, op, **{n: KeywordArg(n) for n in _params(op)}),
+            pass_dict=patterns,
+        )(_counting_op_lowering(decomposed))
 
     return patterns
