@@ -851,46 +851,12 @@ def _route_eplb_fake(
 
 
 @_route_counted_op.register_fake
-def _route_counted_fake(
-    router_logits,
-    e_score_correction_bias,
-    top_k,
-    scoring_func,
-    renormalize,
-    routed_scaling_factor,
-    num_expert_group,
-    topk_group,
-    num_fused_shared_experts,
-    indices_dtype,
-    logical_to_physical_map,
-    logical_replica_count,
-    expert_load_view,
-    should_record,
-    num_unpadded_tokens,
-    replica_policy,
-    num_count_bins,
-):
-    _check_counted_args(
-        router_logits,
-        e_score_correction_bias,
-        top_k,
-        scoring_func,
-        renormalize,
-        routed_scaling_factor,
-        num_expert_group,
-        topk_group,
-        num_fused_shared_experts,
-        indices_dtype,
-        logical_to_physical_map,
-        logical_replica_count,
-        expert_load_view,
-        should_record,
-        num_unpadded_tokens,
-        replica_policy,
-        num_count_bins,
-    )
+def _route_counted_fake(*args):
+    _check_counted_args(*args)
+    router_logits, top_k, num_shared, indices_dtype = args[0], args[2], args[8], args[9]
+    num_count_bins = args[16]
     return (
-        *_fake_outputs(router_logits, top_k, num_fused_shared_experts, indices_dtype),
+        *_fake_outputs(router_logits, top_k, num_shared, indices_dtype),
         router_logits.new_empty((num_count_bins,), dtype=torch.int32),
         router_logits.new_empty((num_count_bins + 1,), dtype=torch.int32),
     )
