@@ -198,6 +198,18 @@ def check_score_arithmetic(device) -> dict:
     return result
 
 
+def _replicated_state(num_logical: int, num_redundant: int, device) -> mc.EplbLayerState:
+    """Logical expert e on physical e, the first ``num_redundant`` also on ``num_logical + e``."""
+    experts = torch.arange(num_logical, device=device)
+    l2p = torch.stack([experts, num_logical + experts % num_redundant]).T.contiguous()
+    return mc.EplbLayerState(
+        expert_load_view=torch.zeros(num_logical + num_redundant, dtype=torch.int32, device=device),
+        logical_to_physical_map=l2p,
+        logical_replica_count=torch.where(experts < num_redundant, 2, 1),
+        should_record_tensor=torch.tensor(True, device=device),
+    )
+
+
 def check_counts(device) -> list[dict]:
     """``route_counted`` on CUDA: counts and offsets equal a recount of the ids it returns
     (many programs, the last one writing the offsets), and ids, weights and load equal
@@ -216,24 +228,8 @@ def check_counts(device) -> list[dict]:
                 num_bins = 256
                 if eplb:
                     num_bins = 256 + 32  # 32 experts with a second replica
-                    l2p = torch.stack(
-                        [
-                            torch.arange(256, device=device),
-                            256 + torch.arange(256, device=device) % 32,
-                        ]
-                    ).T.contiguous()
-                    replicas = torch.where(torch.arange(256, device=device) < 32, 2, 1)
-                    state, expected_state = (
-                        mc.EplbLayerState(
-                            expert_load_view=torch.zeros(
-                                num_bins, dtype=torch.int32, device=device
-                            ),
-                            logical_to_physical_map=l2p,
-                            logical_replica_count=replicas,
-                            should_record_tensor=torch.tensor(True, device=device),
-                        )
-                        for _ in range(2)
-                    )
+                    state = _replicated_state(256, 32, device)
+                    expected_state = _replicated_state(256, 32, device)
                 weights, ids, counts, offsets = route_counted(logits, 8, num_bins, state, **options)
                 if eplb:
                     ref_weights, ref_ids = route_eplb(logits, 8, expected_state, **options)
@@ -255,18 +251,6 @@ def check_counts(device) -> list[dict]:
                      "num_tokens": num_tokens, "ok": bool(ok)}
                 )  # fmt: skip
     return results
-
-
-def _replicated_state(num_logical: int, num_redundant: int, device) -> mc.EplbLayerState:
-    """Logical expert e on physical e, the first ``num_redundant`` also on ``num_logical + e``."""
-    experts = torch.arange(num_logical, device=device)
-    l2p = torch.stack([experts, num_logical + experts % num_redundant]).T.contiguous()
-    return mc.EplbLayerState(
-        expert_load_view=torch.zeros(num_logical + num_redundant, dtype=torch.int32, device=device),
-        logical_to_physical_map=l2p,
-        logical_replica_count=torch.where(experts < num_redundant, 2, 1),
-        should_record_tensor=torch.tensor(True, device=device),
-    )
 
 
 def check_zero_experts(device) -> list[dict]:

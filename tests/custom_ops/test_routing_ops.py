@@ -451,7 +451,7 @@ def test_route_counted_bad_arguments_raise():
 NUM_REAL, NUM_ZERO = 24, 4
 
 
-def _zero_expert_setup(num_tokens, seed, scoring_func="softmax"):
+def _zero_expert_setup(num_tokens, seed):
     generator = torch.Generator().manual_seed(seed)
     logits = grid_logits(num_tokens, NUM_REAL + NUM_ZERO, generator)
     bias = (torch.randint(0, 3, (NUM_REAL + NUM_ZERO,), generator=generator) * 2).float()
