@@ -28,22 +28,28 @@ on equal scores, the lower index (as eager ``topk`` does):
 
 Top-k. Each lane sorts its keys once: bitonic networks over blocks of
 ``HEADS = next_pow2(min(CHUNK, TOP_K))`` keys, then pairwise merges that keep
-the best ``HEADS``. Then ``TOP_K`` rounds take the maximum of the lanes' first
-keys (a reduction over ``LANES`` threads) and the lane that held it drops its
-first key. Against ``TOP_K`` reductions over the whole row this does a few
-compare-exchanges per key once and ``TOP_K`` reductions over ``LANES`` keys.
+the best ``HEADS``. The lanes' lists are then combined in one of two ways. In the
+persistent launches (EPLB, counts: few warps per SM, latency exposed) they merge
+in a reduction over the lanes whose combine keeps the best ``TOP_K_PAD`` of two
+sorted lists: ``log2(LANES)`` levels of independent shuffles. Otherwise (and
+beyond 16 keys) ``TOP_K`` rounds take the maximum of the lanes' first keys and
+the lane that held it drops its first key: fewer instructions, ``TOP_K``
+dependent reductions.
 
 Grouped routing scores a group by its best key (plus the second best with a
 correction bias, as DeepSeek-V3 does) over its members in all lanes, keeps the
 ``TOPK_GROUP`` best groups (lower group on ties) and clears the other groups'
 keys before the sort.
 
-After the selection, per chosen slot: the weight from the logit re-read at the
-chosen id, the zero-expert masking (``NUM_REAL_EXPERTS < E_ROUTED``), with EPLB
-the physical id, then the shared-expert columns. The load is counted into a
-per-program histogram over the physical experts; each program adds it with one
-atomic per touched expert after its last tile (with EPLB the grid is a few
-programs per SM).
+After the selection, per chosen slot: the weight (from the chosen keys, which
+hold the logit (packed) or the score (int64, no bias); otherwise from the logit
+re-read), the zero-expert masking (``NUM_REAL_EXPERTS < E_ROUTED``), with EPLB
+the physical id, then the shared-expert columns. With EPLB each program reads the
+replica counts and the map once (``TABLE_REPLICAS``) and gathers each slot's
+entries from that copy on chip, instead of two dependent global reads per slot.
+The load is counted into a per-program histogram over the physical experts; each
+program adds it with one atomic per touched expert after its last tile (with EPLB
+the grid is a few programs per SM).
 
 Two layouts (``LARGE_*``). The persistent grid (EPLB or counts) leaves few
 warps per SM, so from ``large_from_tokens`` on, the kernel routes with a second
@@ -60,7 +66,6 @@ exp/log, which are also accurate.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -182,14 +187,27 @@ def _heads_network(width, heads):
     return tuple(steps)
 
 
-@triton.jit
-def _lane_heads(keys, HEADS: tl.constexpr):
-    """The best ``HEADS`` of a lane's keys (a power-of-two count), descending.
+@triton.constexpr_function
+def _bitonic_merge_network(width):
+    """Steps ``(high, low)`` that sort a bitonic sequence of ``width`` (a power of two) keys
+    descending: ``keys[high] = max``, ``keys[low] = min`` of the pair."""
+    steps = []
+    stride = width // 2
+    while stride > 0:
+        for i in range(width):
+            if (i & stride) == 0:
+                steps.append((i, i + stride, True))
+        stride //= 2
+    return tuple(steps)
 
-    The network is written out on the tuple here (no helper calls per
-    compare-exchange), which keeps compile time low.
+
+@triton.jit
+def _apply_network(keys, STEPS: tl.constexpr):
+    """Run a compare-exchange network over a tuple of keys.
+
+    Written out on the tuple (no helper calls per compare-exchange), which keeps
+    compile time low.
     """
-    STEPS: tl.constexpr = _heads_network(len(keys), HEADS)
     for p in tl.static_range(len(STEPS)):
         high = tl.maximum(keys[STEPS[p][0]], keys[STEPS[p][1]])
         low = tl.minimum(keys[STEPS[p][0]], keys[STEPS[p][1]])
@@ -202,10 +220,47 @@ def _lane_heads(keys, HEADS: tl.constexpr):
             else:
                 exchanged = exchanged + (keys[n],)
         keys = exchanged
-    heads = ()
-    for i in tl.static_range(HEADS):
-        heads = heads + (keys[i],)
-    return heads
+    return keys
+
+
+@triton.jit
+def _merged(a, b):
+    """The best ``len(a)`` keys of two descending tuples, descending: the larger of
+    ``a[i]`` and ``b[n-1-i]`` is a bitonic sequence holding them, which one bitonic
+    merge sorts."""
+    WIDTH: tl.constexpr = len(a)
+    larger = ()
+    for i in tl.static_range(WIDTH):
+        larger = larger + (tl.maximum(a[i], b[WIDTH - 1 - i]),)
+    return _apply_network(larger, _bitonic_merge_network(WIDTH))
+
+
+# Combine functions of the lanes' merge (tl.reduce passes the two sides' keys as
+# separate arguments), one per list width.
+@triton.jit
+def _merge2(a0, a1, b0, b1):
+    return _merged((a0, a1), (b0, b1))
+
+
+@triton.jit
+def _merge4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return _merged((a0, a1, a2, a3), (b0, b1, b2, b3))
+
+
+@triton.jit
+def _merge8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+    return _merged((a0, a1, a2, a3, a4, a5, a6, a7), (b0, b1, b2, b3, b4, b5, b6, b7))
+
+
+@triton.jit
+def _merge16(
+    a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+    b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
+):  # fmt: skip
+    return _merged(
+        (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15),
+        (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15),
+    )
 
 
 @triton.jit
@@ -215,32 +270,63 @@ def _take_top_k(
     TOP_K_PAD: tl.constexpr,
     HEADS: tl.constexpr,
     NO_KEY: tl.constexpr,
+    MERGE_LANES: tl.constexpr,
 ):
-    """The experts of the ``TOP_K`` largest keys of each row (``[BLOCK_T, TOP_K_PAD]``,
-    in registers), the last of those keys and the first (``[BLOCK_T]`` each). A lane
-    holds a power-of-two number of keys."""
-    heads = _lane_heads(keys, HEADS)
+    """The ``TOP_K`` largest keys of each row, descending (``[BLOCK_T, TOP_K_PAD]``, in
+    registers; ``NO_KEY`` in the padding), the last of them and the first
+    (``[BLOCK_T]`` each). A lane holds a power-of-two number of keys.
+
+    Each lane sorts its best ``HEADS`` keys. With ``MERGE_LANES`` (and ``TOP_K`` up to
+    16) the lanes' lists, padded to ``TOP_K_PAD``, then merge in a reduction over the
+    lanes: ``log2(LANES)`` levels of one shuffle per key (independent of each other)
+    and one merge network; short latency, for launches of few warps. Otherwise
+    ``TOP_K`` rounds each take the maximum of the lanes' first keys, and the lane
+    that held it drops its first key: fewer instructions, for launches whose many
+    warps hide the latency.
+    """
+    sorted_keys = _apply_network(keys, _heads_network(len(keys), HEADS))
+    heads = ()
+    for i in tl.static_range(HEADS):
+        heads = heads + (sorted_keys[i],)
     slot = tl.arange(0, TOP_K_PAD)[None, :]
-    first = tl.max(heads[0], axis=1)
-    best = first
-    picks = tl.zeros([first.shape[0], TOP_K_PAD], tl.int32)
-    for r in tl.static_range(TOP_K):
-        if r > 0:
-            best = tl.max(heads[0], axis=1)
-        picks = tl.where(slot == r, _key_expert(best)[:, None], picks)
-        if r + 1 < TOP_K:
-            popped = heads[0] == best[:, None]
-            shifted = ()
-            for j in tl.static_range(HEADS):
-                if j + 1 < TOP_K - r:
-                    if j + 1 < HEADS:
-                        shifted = shifted + (tl.where(popped, heads[j + 1], heads[j]),)
+    chosen = tl.full([keys[0].shape[0], TOP_K_PAD], NO_KEY, keys[0].dtype)
+    if MERGE_LANES and TOP_K_PAD <= 16:
+        for _ in tl.static_range(HEADS, TOP_K_PAD):
+            heads = heads + (tl.full(keys[0].shape, NO_KEY, keys[0].dtype),)
+        if TOP_K_PAD == 1:
+            best = (tl.max(heads[0], axis=1),)
+        elif TOP_K_PAD == 2:
+            best = tl.reduce(heads, 1, _merge2)
+        elif TOP_K_PAD == 4:
+            best = tl.reduce(heads, 1, _merge4)
+        elif TOP_K_PAD == 8:
+            best = tl.reduce(heads, 1, _merge8)
+        else:
+            best = tl.reduce(heads, 1, _merge16)
+        for r in tl.static_range(TOP_K):
+            chosen = tl.where(slot == r, best[r][:, None], chosen)
+        last = best[TOP_K - 1]
+        first = best[0]
+    else:
+        first = tl.max(heads[0], axis=1)
+        last = first
+        for r in tl.static_range(TOP_K):
+            if r > 0:
+                last = tl.max(heads[0], axis=1)
+            chosen = tl.where(slot == r, last[:, None], chosen)
+            if r + 1 < TOP_K:
+                popped = heads[0] == last[:, None]
+                shifted = ()
+                for j in tl.static_range(HEADS):
+                    if j + 1 < TOP_K - r:
+                        if j + 1 < HEADS:
+                            shifted = shifted + (tl.where(popped, heads[j + 1], heads[j]),)
+                        else:
+                            shifted = shifted + (tl.where(popped, NO_KEY, heads[j]),)
                     else:
-                        shifted = shifted + (tl.where(popped, NO_KEY, heads[j]),)
-                else:
-                    shifted = shifted + (heads[j],)
-            heads = shifted
-    return picks, best, first
+                        shifted = shifted + (heads[j],)
+                heads = shifted
+    return chosen, last, first
 
 
 @triton.jit
@@ -587,6 +673,8 @@ def _route_tiles(
     PACKED_TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
     SLOT_ATOMICS: tl.constexpr,
+    TABLE_EXPERTS: tl.constexpr,
+    TABLE_REPLICAS: tl.constexpr,
     load_counts,
     expert_counts,
 ):
@@ -594,12 +682,13 @@ def _route_tiles(
     histograms; the launch shape's layout constexprs are parameters so that one
     kernel can hold two layouts."""
     CHUNK: tl.constexpr = NUM_GROUPS * MEMBERS_PER_LANE
-    # Softmax weights renormalized over the chosen experts need neither the row's
-    # sum (it cancels) nor its max (the first chosen logit is the max) when the
-    # choice is on the plain scores.
+    # Packed keys: softmax weights renormalized over the chosen experts need neither
+    # the row's sum (it cancels) nor its max (the first chosen logit is the max).
     CHOSEN_ONLY_WEIGHTS: tl.constexpr = (
         SCORING == 0 and RENORMALIZE and not HAS_BIAS and NUM_GROUPS == 1
     )
+    # The launcher caps the grid at a few programs per SM when it counts (EPLB, counts).
+    PERSISTENT: tl.constexpr = HAS_EPLB or COUNT_BINS > 0
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(num_tokens, BLOCK_T)
@@ -626,6 +715,23 @@ def _route_tiles(
         record_on = tl.load(record_ptr) != 0
         if HAS_UNPADDED:
             counted_slots = tl.load(unpadded_ptr).to(tl.int64) * TOP_K
+        if TABLE_REPLICAS > 0:
+            # The replica counts and the map, read once per program: each slot then
+            # gathers from them on chip instead of two dependent global reads.
+            table_expert = tl.arange(0, TABLE_EXPERTS)
+            replica_table = tl.load(
+                replica_count_ptr + table_expert * stride_replica_count,
+                mask=table_expert < E_ROUTED,
+                other=1,
+            ).to(tl.int32)
+            entry = tl.arange(0, TABLE_EXPERTS * TABLE_REPLICAS)
+            entry_expert = entry // TABLE_REPLICAS
+            entry_replica = entry % TABLE_REPLICAS
+            map_table = tl.load(
+                l2p_ptr + entry_expert * stride_l2p_e + entry_replica * stride_l2p_s,
+                mask=(entry_expert < E_ROUTED) & (entry_replica < max_replicas),
+                other=-1,
+            )
 
     for tile in range(pid, num_tiles, num_programs):
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -642,7 +748,8 @@ def _route_tiles(
             keys = ()
             for j in tl.static_range(SORT_WIDTH):
                 keys = keys + (_packed_key(x_raw[j], experts[j], valid[j]),)
-            logical, last, first = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY32)
+            chosen, last, first = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY32, PERSISTENT)
+            logical = _key_expert(chosen)
             suspect = _packed_suspect(last, first, logits_ptr.dtype.element_ty)
             if not CHOSEN_ONLY_WEIGHTS:
                 x = _to_float32(x_raw)
@@ -679,26 +786,45 @@ def _route_tiles(
                 x, numerators, row_sum, valid, experts, bias, MEMBERS_PER_LANE,
                 NUM_GROUPS, TOPK_GROUP, SCORING, HAS_BIAS, PRECISE_MATH,
             )  # fmt: skip
-            logical, _, _ = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY64)
+            chosen, _, _ = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY64, False)
+            logical = _key_expert(chosen)
 
         # A pick of a cleared key (never with valid options) must still name a real expert.
         logical = tl.minimum(tl.maximum(logical, 0), E_ROUTED - 1)
 
-        # ---- weights: the unbiased scores at the chosen ids, from the logits re-read
-        x_chosen = tl.load(
-            logits_ptr + token2 * stride_logits_t + logical * stride_logits_e,
-            mask=out_mask,
-            other=0.0,
-        ).to(tl.float32)
-        if CHOSEN_ONLY_WEIGHTS:
-            top = tl.max(tl.where(is_slot, x_chosen, float("-inf")), axis=1)
-            weight = _exp(x_chosen - top[:, None], PRECISE_MATH)
-        elif SCORING == 0:
-            weight = tl.math.div_rn(
-                _exp(x_chosen - row_max[:, None], PRECISE_MATH), row_sum[:, None]
+        # ---- weights: the unbiased scores at the chosen ids
+        if PACKED_TOP_K:
+            # The packed keys hold the chosen logits; redone rows re-read theirs.
+            x_chosen = _ordered_to_float(chosen >> 16, logits_ptr.dtype.element_ty)
+            x_redone = tl.load(
+                logits_ptr + token2 * stride_logits_t + logical * stride_logits_e,
+                mask=redone,
+                other=0.0,
             )
+            x_chosen = tl.where(redone, x_redone.to(tl.float32), x_chosen)
+            if CHOSEN_ONLY_WEIGHTS:
+                top = tl.max(tl.where(is_slot, x_chosen, float("-inf")), axis=1)
+                weight = _exp(x_chosen - top[:, None], PRECISE_MATH)
+            else:
+                weight = tl.math.div_rn(
+                    _exp(x_chosen - row_max[:, None], PRECISE_MATH), row_sum[:, None]
+                )
+        elif HAS_BIAS:
+            # The keys hold biased scores: the weights come from the logits re-read.
+            x_chosen = tl.load(
+                logits_ptr + token2 * stride_logits_t + logical * stride_logits_e,
+                mask=out_mask,
+                other=0.0,
+            ).to(tl.float32)
+            if SCORING == 0:
+                weight = tl.math.div_rn(
+                    _exp(x_chosen - row_max[:, None], PRECISE_MATH), row_sum[:, None]
+                )
+            else:
+                weight = _elementwise_score(x_chosen, SCORING, PRECISE_MATH)
         else:
-            weight = _elementwise_score(x_chosen, SCORING, PRECISE_MATH)
+            # int64 keys without a bias hold the scores themselves, rounded as eager's.
+            weight = _key_score(chosen)
         weight = tl.where(is_slot, weight, 0.0)
         if RENORMALIZE:
             total = tl.sum(weight, axis=1)
@@ -719,9 +845,15 @@ def _route_tiles(
         # ---- EPLB: logical -> physical, and the per-program load histogram
         if HAS_EPLB:
             # 32-bit replica arithmetic: 64-bit division is a long subroutine.
-            replicas = tl.load(
-                replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
-            ).to(tl.int32)
+            if TABLE_REPLICAS > 0:
+                replicas = tl.reshape(
+                    tl.gather(replica_table, tl.reshape(logical, [BLOCK_T * TOP_K_PAD]), 0),
+                    [BLOCK_T, TOP_K_PAD],
+                )
+            else:
+                replicas = tl.load(
+                    replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
+                ).to(tl.int32)
             replicas = tl.minimum(tl.maximum(replicas, 1), max_replicas)
             flat_slot = token2 * TOP_K + slot
             if TOKEN_HASH:
@@ -732,11 +864,17 @@ def _route_tiles(
                 replica = flat_slot.to(tl.int32) % replicas
             else:
                 replica = (flat_slot % replicas).to(tl.int32)
-            physical = tl.load(
-                l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
-                mask=out_mask,
-                other=-1,
-            ).to(tl.int64)
+            if TABLE_REPLICAS > 0:
+                slot_entry = tl.reshape(logical * TABLE_REPLICAS + replica, [BLOCK_T * TOP_K_PAD])
+                physical = tl.reshape(tl.gather(map_table, slot_entry, 0), [BLOCK_T, TOP_K_PAD]).to(
+                    tl.int64
+                )
+            else:
+                physical = tl.load(
+                    l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
+                    mask=out_mask,
+                    other=-1,
+                ).to(tl.int64)
             counted = out_mask & record_on & (physical >= 0) & (physical < num_physical)
             if HAS_UNPADDED:
                 counted = counted & (flat_slot < counted_slots)
@@ -851,6 +989,8 @@ def _route_kernel(
     LARGE_SORT_WIDTH: tl.constexpr,
     LARGE_REDO_T: tl.constexpr,
     SLOT_ATOMICS: tl.constexpr,
+    TABLE_EXPERTS: tl.constexpr,
+    TABLE_REPLICAS: tl.constexpr,
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
@@ -868,7 +1008,7 @@ def _route_kernel(
                 OUT_WIDTH, LARGE_HEADS, LARGE_SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING,
                 HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS,
                 LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K,
-                PRECISE_MATH, False, load_counts, expert_counts
+                PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, load_counts, expert_counts
             )  # fmt: skip
         else:
             load_counts, expert_counts = _route_tiles(
@@ -881,8 +1021,7 @@ def _route_kernel(
                 HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE,
                 HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T,
                 REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
-                load_counts,
-                expert_counts
+                TABLE_EXPERTS, TABLE_REPLICAS, load_counts, expert_counts
             )  # fmt: skip
     else:
         load_counts, expert_counts = _route_tiles(
@@ -894,7 +1033,8 @@ def _route_kernel(
             MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED,
             N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
             LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
-            PACKED_TOP_K, PRECISE_MATH, False, load_counts, expert_counts
+            PACKED_TOP_K, PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, load_counts,
+            expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB:
@@ -932,6 +1072,9 @@ class RouteKernelConfig:
     slot_atomics: bool = False
     """With a large layout: the small one counts the load with an atomic per slot
     instead of a per-program histogram (few slots per program)."""
+    table_entries: int = 1024
+    """EPLB: each program gathers the replica counts and the map from its own copy when
+    the map (padded to powers of two) has at most this many entries (0: never)."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -946,16 +1089,17 @@ def set_config_override(config: RouteKernelConfig | None) -> None:
 def default_config(
     row_width: int, packed_top_k: bool = True, eplb: bool = True
 ) -> RouteKernelConfig:
-    """Launch shape from H100 sweeps (``--sweep`` in bench/routing_kernel.py).
+    """Launch shape from H100 sweeps (``--sweep`` in bench/routing_kernel.py, and the
+    A/B runs in bench/results/routing_kernel_ab_2026-11-28.json).
 
-    int32 keys: 32 experts per lane, one row per thread. With EPLB (a persistent
-    grid of few programs, so few load atomics) batches of 3072 tokens or more
-    take a second layout of 16 experts per lane and eight rows per thread, whose
-    independent loads hide the latency the few programs leave exposed (E=256:
-    43 us instead of 75 us at 65536 tokens). Below that, each program routes few
-    slots, so it counts them with an atomic each rather than a histogram (3.9 us
-    instead of 4.5 at one token). int64 keys: 8 experts per lane and eight rows
-    per thread.
+    int32 keys: 32 experts per lane, one row per thread (many programs, so many warps
+    per SM hide the latency and fewer instructions win). With EPLB (a persistent grid
+    of few programs, so few load atomics, and latency exposed) batches below 3072
+    tokens take 16 experts per lane (a shorter sort per thread; E=256: 8-token tiles),
+    count with an atomic per slot rather than a histogram (few slots per program);
+    from 3072 on, 16 experts per lane and eight rows per thread, whose independent
+    loads hide the latency the few programs leave exposed (E=256: 64-token tiles).
+    int64 keys: 8 experts per lane and eight rows per thread.
     """
     num_warps = 4
     if not packed_top_k:
@@ -964,10 +1108,12 @@ def default_config(
     lanes = max(1, min(32, row_width // 32))
     config = RouteKernelConfig(min(256, 32 * num_warps // lanes), num_warps, lane_experts=32)
     if eplb and row_width >= 128:
-        large_lanes = max(1, min(32, row_width // 16))
-        config = dataclasses.replace(
-            config,
-            large_block_tokens=min(256, 8 * 32 * num_warps // large_lanes),
+        lanes = max(1, min(32, row_width // 16))
+        config = RouteKernelConfig(
+            min(256, 32 * num_warps // lanes),
+            num_warps,
+            lane_experts=16,
+            large_block_tokens=min(256, 8 * 32 * num_warps // lanes),
             large_lane_experts=16,
             slot_atomics=True,
         )
@@ -1063,12 +1209,17 @@ def launch_route_kernel(
             state.should_record_tensor,
             state.num_unpadded_tokens,
         )
-        num_physical, max_replicas = load.shape[0], l2p.shape[1]
+        num_physical, max_replicas = load.shape[0], int(l2p.shape[1])
         eplb_strides = (l2p.stride(0), l2p.stride(1), counts.stride(0), load.stride(0))
         load_bins = max(32, triton.next_power_of_2(int(num_physical) + 1))
+        table_experts = triton.next_power_of_2(num_routed)
+        table_replicas = triton.next_power_of_2(max_replicas)
+        if table_experts * table_replicas > config.table_entries:
+            table_replicas = 0  # two dependent global reads per slot instead
     else:
         policy, l2p, counts, load, record, unpadded = "modulo", dummy, dummy, dummy, dummy, None
         num_physical, max_replicas, eplb_strides, load_bins = 0, 1, (0, 0, 0, 0), 32
+        table_experts, table_replicas = 1, 0
 
     if count_outputs is not None:
         expert_counts, expert_offsets = count_outputs
@@ -1138,6 +1289,8 @@ def launch_route_kernel(
         PRECISE_MATH=not _INTERPRETING,
         large_from_tokens=config.large_from_tokens,
         SLOT_ATOMICS=bool(config.slot_atomics and layouts["LARGE_BLOCK_T"]),
+        TABLE_EXPERTS=table_experts,
+        TABLE_REPLICAS=table_replicas,
         **layouts,
         num_warps=config.num_warps,
     )

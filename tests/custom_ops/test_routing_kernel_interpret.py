@@ -222,6 +222,23 @@ def _cases():
             corrupt=True,
             small_tiles=True,
         )
+    # EPLB with the map too large for a per-program copy: two global reads per slot.
+    for policy in ("token_hash", "modulo"):
+        cases[f"eplb_{policy}_corrupt_map_read_per_slot"] = dict(
+            num_experts=20, top_k=3, num_tokens=31, eplb=True, policy=policy, corrupt=True,
+            small_tiles=True, table_entries=0,
+        )  # fmt: skip
+    cases["two_layouts_slot_atomics_map_read_per_slot"] = dict(
+        num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True,
+        large_from_tokens=40, slot_atomics=True, unpadded=29, table_entries=0,
+    )  # fmt: skip
+    # The lanes' merge (persistent launches, packed keys) for each list width, over 16
+    # lanes of 4 keys (lists padded beyond 4), and the rounds beyond 16 keys. Random
+    # logits: the grid ones make most rows cross zero, which the exact redo handles.
+    for top_k in (1, 2, 8, 16, 20):
+        cases[f"eplb_packed_E64_k{top_k}"] = dict(
+            num_experts=64, top_k=top_k, num_tokens=9, eplb=True, lane_experts=4
+        )
     return cases
 
 
@@ -258,6 +275,7 @@ def _run_case(
     zero=0,
     large_from_tokens=None,
     slot_atomics=False,
+    table_entries=None,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -336,6 +354,8 @@ def _run_case(
                 large_from_tokens=large_from_tokens,
                 slot_atomics=slot_atomics,
             )
+        if table_entries is not None:
+            large["table_entries"] = table_entries
         _routing_kernels.set_config_override(
             _routing_kernels.RouteKernelConfig(
                 block_tokens=4, num_warps=1, programs_per_sm=1, **large
