@@ -177,26 +177,20 @@ def _heads_network(width, heads):
         for block in range(0, width, 2 * span):
             for i in range(heads):
                 steps.append((block + i, block + span + heads - 1 - i, False))
-            stride = heads // 2
-            while stride > 0:
-                for i in range(heads):
-                    if (i & stride) == 0:
-                        steps.append((block + i, block + i + stride, True))
-                stride //= 2
+            steps += [
+                (block + high, block + low, True) for high, low, _ in _bitonic_merge_network(heads)
+            ]
         span *= 2
     return tuple(steps)
 
 
 @triton.constexpr_function
 def _bitonic_merge_network(width):
-    """Steps ``(high, low)`` that sort a bitonic sequence of ``width`` (a power of two) keys
-    descending: ``keys[high] = max``, ``keys[low] = min`` of the pair."""
+    """Steps that sort a bitonic sequence of ``width`` (a power of two) keys descending."""
     steps = []
     stride = width // 2
     while stride > 0:
-        for i in range(width):
-            if (i & stride) == 0:
-                steps.append((i, i + stride, True))
+        steps += [(i, i + stride, True) for i in range(width) if (i & stride) == 0]
         stride //= 2
     return tuple(steps)
 
@@ -996,7 +990,7 @@ def _route_kernel(
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
     if LARGE_BLOCK_T > 0:
         # Large batches take the large-tile layout (more rows per thread, so more
-        # loads in flight per warp); decode-sized ones keep the one-row-per-thread one.
+        # loads in flight per warp); decode-sized ones keep the small-tile one.
         if num_tokens >= large_from_tokens:
             load_counts, expert_counts = _route_tiles(
                 logits_ptr, stride_logits_t, stride_logits_e, bias_ptr, stride_bias, weights_ptr,
