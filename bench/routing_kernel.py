@@ -577,9 +577,11 @@ def run_sweep(device, bandwidth, report) -> list[dict]:
     default = _routing_kernels.default_config(256, True, True)
     shapes = {
         "default": default,
-        "default+slot_atomics": dataclasses.replace(default, slot_atomics=True),
-        "4w_32x32": config(32, 4, 2, lane_experts=32),
-        "8w_32x32+128x16": config(32, 8, 1, 32, large_block_tokens=128, large_from_tokens=8192),
+        "default_map_read_per_slot": dataclasses.replace(default, table_entries=0),
+        "4w_16x32+64x16": dataclasses.replace(default, block_tokens=16, lane_experts=32),
+        "8w_4x32+128x16": config(
+            4, 8, 1, lane_experts=8, large_block_tokens=128, slot_atomics=True
+        ),
     }
     if device.type != "cuda":
         shapes = dict(list(shapes.items())[:2])
