@@ -711,11 +711,12 @@ def _route_tiles(
             counted_slots = tl.load(unpadded_ptr).to(tl.int64) * TOP_K
         if TABLE_REPLICAS > 0:
             # The replica counts and the map, read once per program: each slot then
-            # gathers from them on chip instead of two dependent global reads.
+            # gathers from them on chip instead of two dependent global reads. The
+            # map has a row per real expert (zero experts are never remapped).
             table_expert = tl.arange(0, TABLE_EXPERTS)
             replica_table = tl.load(
                 replica_count_ptr + table_expert * stride_replica_count,
-                mask=table_expert < E_ROUTED,
+                mask=table_expert < NUM_REAL_EXPERTS,
                 other=1,
             ).to(tl.int32)
             entry = tl.arange(0, TABLE_EXPERTS * TABLE_REPLICAS)
@@ -723,7 +724,7 @@ def _route_tiles(
             entry_replica = entry % TABLE_REPLICAS
             map_table = tl.load(
                 l2p_ptr + entry_expert * stride_l2p_e + entry_replica * stride_l2p_s,
-                mask=(entry_expert < E_ROUTED) & (entry_replica < max_replicas),
+                mask=(entry_expert < NUM_REAL_EXPERTS) & (entry_replica < max_replicas),
                 other=-1,
             )
 
@@ -1198,6 +1199,7 @@ def launch_route_kernel(
         layouts |= {f"LARGE_{name}": 0 for name in layouts}
 
     dummy = router_logits  # stands in for absent pointers; never read under its flag
+    num_real_experts, zero_weight = zero_experts or (num_routed, dummy)
     bias = e_score_correction_bias
     if eplb is not None:
         state, policy = eplb
@@ -1210,7 +1212,7 @@ def launch_route_kernel(
         num_physical, max_replicas = load.shape[0], int(l2p.shape[1])
         eplb_strides = (l2p.stride(0), l2p.stride(1), counts.stride(0), load.stride(0))
         load_bins = max(32, triton.next_power_of_2(int(num_physical) + 1))
-        table_experts = triton.next_power_of_2(num_routed)
+        table_experts = triton.next_power_of_2(num_real_experts)
         table_replicas = triton.next_power_of_2(max_replicas)
         if table_experts * table_replicas > config.table_entries:
             table_replicas = 0  # two dependent global reads per slot instead
@@ -1226,8 +1228,6 @@ def launch_route_kernel(
     else:
         expert_counts = expert_offsets = dummy
         num_count_bins, count_bins = 0, 0
-
-    num_real_experts, zero_weight = zero_experts or (num_routed, dummy)
 
     num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
     if persistent:
