@@ -177,6 +177,9 @@ def _cases():
         num_experts=20, zero=4, top_k=3, num_tokens=17, bias=True, ties=True, scale=1.5
     )
     cases["zero_experts_packed_bf16"] = dict(num_experts=28, zero=4, top_k=4, num_tokens=9)
+    cases["zero_experts_packed_bf16_eplb"] = dict(
+        num_experts=28, zero=4, top_k=4, num_tokens=9, eplb=True, small_tiles=True
+    )
     cases["zero_experts_sigmoid_raw_empty"] = dict(
         num_experts=20, zero=2, top_k=3, num_tokens=0, scoring="sigmoid", renormalize=False
     )
