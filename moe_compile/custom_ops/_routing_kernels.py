@@ -611,6 +611,14 @@ def _add_counts_then_offsets(
         tl.store(offsets_ptr, 0)
 
 
+@triton.jit
+def _gather_slots(table, index):
+    """``table[index]`` for a 1-D on-chip table and a 2-D index (``tl.gather`` wants
+    equal ranks)."""
+    flat = tl.reshape(index, [index.shape[0] * index.shape[1]])
+    return tl.reshape(tl.gather(table, flat, 0), [index.shape[0], index.shape[1]])
+
+
 # ---------------------------------------------------------------- the kernel
 @triton.jit
 def _route_tiles(
@@ -788,38 +796,28 @@ def _route_tiles(
         logical = tl.minimum(tl.maximum(logical, 0), E_ROUTED - 1)
 
         # ---- weights: the unbiased scores at the chosen ids
+        chosen_logits = logits_ptr + token2 * stride_logits_t + logical * stride_logits_e
         if PACKED_TOP_K:
             # The packed keys hold the chosen logits; redone rows re-read theirs.
-            x_chosen = _ordered_to_float(chosen >> 16, logits_ptr.dtype.element_ty)
-            x_redone = tl.load(
-                logits_ptr + token2 * stride_logits_t + logical * stride_logits_e,
-                mask=redone,
-                other=0.0,
+            x_redone = tl.load(chosen_logits, mask=redone, other=0.0).to(tl.float32)
+            x_chosen = tl.where(
+                redone, x_redone, _ordered_to_float(chosen >> 16, logits_ptr.dtype.element_ty)
             )
-            x_chosen = tl.where(redone, x_redone.to(tl.float32), x_chosen)
-            if CHOSEN_ONLY_WEIGHTS:
-                top = tl.max(tl.where(is_slot, x_chosen, float("-inf")), axis=1)
-                weight = _exp(x_chosen - top[:, None], PRECISE_MATH)
-            else:
-                weight = tl.math.div_rn(
-                    _exp(x_chosen - row_max[:, None], PRECISE_MATH), row_sum[:, None]
-                )
         elif HAS_BIAS:
             # The keys hold biased scores: the weights come from the logits re-read.
-            x_chosen = tl.load(
-                logits_ptr + token2 * stride_logits_t + logical * stride_logits_e,
-                mask=out_mask,
-                other=0.0,
-            ).to(tl.float32)
-            if SCORING == 0:
-                weight = tl.math.div_rn(
-                    _exp(x_chosen - row_max[:, None], PRECISE_MATH), row_sum[:, None]
-                )
-            else:
-                weight = _elementwise_score(x_chosen, SCORING, PRECISE_MATH)
-        else:
+            x_chosen = tl.load(chosen_logits, mask=out_mask, other=0.0).to(tl.float32)
+        if not (PACKED_TOP_K or HAS_BIAS):
             # int64 keys without a bias hold the scores themselves, rounded as eager's.
             weight = _key_score(chosen)
+        elif PACKED_TOP_K and CHOSEN_ONLY_WEIGHTS:
+            top = tl.max(tl.where(is_slot, x_chosen, float("-inf")), axis=1)
+            weight = _exp(x_chosen - top[:, None], PRECISE_MATH)
+        elif SCORING == 0:
+            weight = tl.math.div_rn(
+                _exp(x_chosen - row_max[:, None], PRECISE_MATH), row_sum[:, None]
+            )
+        else:
+            weight = _elementwise_score(x_chosen, SCORING, PRECISE_MATH)
         weight = tl.where(is_slot, weight, 0.0)
         if RENORMALIZE:
             total = tl.sum(weight, axis=1)
@@ -841,10 +839,7 @@ def _route_tiles(
         if HAS_EPLB:
             # 32-bit replica arithmetic: 64-bit division is a long subroutine.
             if TABLE_REPLICAS > 0:
-                replicas = tl.reshape(
-                    tl.gather(replica_table, tl.reshape(logical, [BLOCK_T * TOP_K_PAD]), 0),
-                    [BLOCK_T, TOP_K_PAD],
-                )
+                replicas = _gather_slots(replica_table, logical)
             else:
                 replicas = tl.load(
                     replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
@@ -860,10 +855,8 @@ def _route_tiles(
             else:
                 replica = (flat_slot % replicas).to(tl.int32)
             if TABLE_REPLICAS > 0:
-                slot_entry = tl.reshape(logical * TABLE_REPLICAS + replica, [BLOCK_T * TOP_K_PAD])
-                physical = tl.reshape(tl.gather(map_table, slot_entry, 0), [BLOCK_T, TOP_K_PAD]).to(
-                    tl.int64
-                )
+                slot_entry = logical * TABLE_REPLICAS + replica
+                physical = _gather_slots(map_table, slot_entry).to(tl.int64)
             else:
                 physical = tl.load(
                     l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
