@@ -677,6 +677,7 @@ def _route_tiles(
     SLOT_ATOMICS: tl.constexpr,
     TABLE_EXPERTS: tl.constexpr,
     TABLE_REPLICAS: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     load_counts,
     expert_counts,
 ):
@@ -689,8 +690,6 @@ def _route_tiles(
     CHOSEN_ONLY_WEIGHTS: tl.constexpr = (
         SCORING == 0 and RENORMALIZE and not HAS_BIAS and NUM_GROUPS == 1
     )
-    # The launcher caps the grid at a few programs per SM when it counts (EPLB, counts).
-    PERSISTENT: tl.constexpr = HAS_EPLB or COUNT_BINS > 0
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(num_tokens, BLOCK_T)
@@ -876,9 +875,11 @@ def _route_tiles(
                     sem="relaxed",
                 )
             else:
-                # Slots not counted go to the spare bin `num_physical` (< LOAD_BINS).
-                bins = tl.where(counted, physical, num_physical).to(tl.int32)
-                load_counts += tl.histogram(tl.reshape(bins, [BLOCK_T * TOP_K_PAD]), LOAD_BINS)
+                load_counts += tl.histogram(
+                    tl.reshape(tl.where(counted, physical, 0).to(tl.int32), [BLOCK_T * TOP_K_PAD]),
+                    LOAD_BINS,
+                    mask=tl.reshape(counted, [BLOCK_T * TOP_K_PAD]),
+                )
             out_ids = physical
         else:
             out_ids = logical
@@ -979,6 +980,7 @@ def _route_kernel(
     SLOT_ATOMICS: tl.constexpr,
     TABLE_EXPERTS: tl.constexpr,
     TABLE_REPLICAS: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
@@ -996,7 +998,8 @@ def _route_kernel(
                 OUT_WIDTH, LARGE_HEADS, LARGE_SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING,
                 HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS,
                 LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K,
-                PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, load_counts, expert_counts
+                PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, PERSISTENT, load_counts,
+                expert_counts
             )  # fmt: skip
         else:
             load_counts, expert_counts = _route_tiles(
@@ -1009,7 +1012,7 @@ def _route_kernel(
                 HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE,
                 HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T,
                 REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
-                TABLE_EXPERTS, TABLE_REPLICAS, load_counts, expert_counts
+                TABLE_EXPERTS, TABLE_REPLICAS, PERSISTENT, load_counts, expert_counts
             )  # fmt: skip
     else:
         load_counts, expert_counts = _route_tiles(
@@ -1021,11 +1024,11 @@ def _route_kernel(
             MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED,
             N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
             LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
-            PACKED_TOP_K, PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, load_counts,
-            expert_counts
+            PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS, PERSISTENT,
+            load_counts, expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
-    if HAS_EPLB:
+    if HAS_EPLB and not (SLOT_ATOMICS and LARGE_BLOCK_T == 0):
         bin_ids = tl.arange(0, LOAD_BINS)
         tl.atomic_add(
             load_ptr + bin_ids * stride_load,
@@ -1048,6 +1051,8 @@ class RouteKernelConfig:
     block_tokens: int
     num_warps: int
     programs_per_sm: int = 2
+    """With EPLB or counts: the grid's cap (0: a program per tile, each adding its
+    own histograms, or its slots one by one with ``slot_atomics``)."""
     packed_top_k: bool = True
     """Allow the packed-key top-k for 16-bit softmax logits (exact fallback per tile)."""
     lane_experts: int = 32
@@ -1058,8 +1063,8 @@ class RouteKernelConfig:
     large_lane_experts: int = 16
     large_from_tokens: int = 3072
     slot_atomics: bool = False
-    """With a large layout: the small one counts the load with an atomic per slot
-    instead of a per-program histogram (few slots per program)."""
+    """The first (or only) layout counts the load with an atomic per slot instead of
+    a per-program histogram."""
     table_entries: int = 1024
     """EPLB: each program gathers the replica counts and the map from its own copy when
     the map (padded to powers of two) has at most this many entries (0: never)."""
@@ -1185,8 +1190,10 @@ def launch_route_kernel(
         }
 
     layouts = tile_layout(config.block_tokens, config.lane_experts)
-    persistent = eplb is not None or count_outputs is not None
-    if persistent and config.large_block_tokens:
+    # EPLB and counts add per-program histograms: a grid capped at a few programs
+    # per SM flushes few of them (programs_per_sm=0: a program per tile).
+    persistent = (eplb is not None or count_outputs is not None) and config.programs_per_sm > 0
+    if config.large_block_tokens:
         layouts |= tile_layout(config.large_block_tokens, config.large_lane_experts, "LARGE_")
     else:  # LARGE_BLOCK_T = 0 compiles the second layout out
         layouts |= {f"LARGE_{name}": 0 for name in layouts}
@@ -1204,7 +1211,7 @@ def launch_route_kernel(
         )
         num_physical, max_replicas = load.shape[0], int(l2p.shape[1])
         eplb_strides = (l2p.stride(0), l2p.stride(1), counts.stride(0), load.stride(0))
-        load_bins = max(32, triton.next_power_of_2(int(num_physical) + 1))
+        load_bins = max(32, triton.next_power_of_2(int(num_physical)))
         table_experts = triton.next_power_of_2(num_real_experts)
         table_replicas = triton.next_power_of_2(max_replicas)
         if table_experts * table_replicas > config.table_entries:
@@ -1279,9 +1286,10 @@ def launch_route_kernel(
         PACKED_TOP_K=packed_top_k and config.packed_top_k,
         PRECISE_MATH=not _INTERPRETING,
         large_from_tokens=config.large_from_tokens,
-        SLOT_ATOMICS=bool(config.slot_atomics and layouts["LARGE_BLOCK_T"]),
+        SLOT_ATOMICS=config.slot_atomics,
         TABLE_EXPERTS=table_experts,
         TABLE_REPLICAS=table_replicas,
+        PERSISTENT=persistent,
         **layouts,
         num_warps=config.num_warps,
     )

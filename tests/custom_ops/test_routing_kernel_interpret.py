@@ -235,6 +235,17 @@ def _cases():
         num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True,
         large_from_tokens=40, slot_atomics=True, unpadded=29, table_entries=0,
     )  # fmt: skip
+    # A program per tile (programs_per_sm=0): each adds its load histogram, or each
+    # slot its atomic, and its counts; the lanes' rounds instead of their merge.
+    for slot_atomics in (False, True):
+        cases[f"program_per_tile_slot_atomics_{slot_atomics}_corrupt_map_padded"] = dict(
+            num_experts=20, top_k=3, num_tokens=31, eplb=True, small_tiles=True, corrupt=True,
+            programs_per_sm=0, slot_atomics=slot_atomics, unpadded=23, ties=True,
+        )  # fmt: skip
+    cases["program_per_tile_two_layouts_counts"] = dict(
+        num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
+        count_bins=40, large_from_tokens=16, programs_per_sm=0, slot_atomics=True,
+    )  # fmt: skip
     # The lanes' merge (persistent launches, packed keys) for each list width, over 16
     # lanes of 4 keys (lists padded beyond 4), and the rounds beyond 16 keys. Random
     # logits: the grid ones make most rows cross zero, which the exact redo handles.
@@ -279,6 +290,7 @@ def _run_case(
     large_from_tokens=None,
     slot_atomics=False,
     table_entries=None,
+    programs_per_sm=1,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -349,20 +361,15 @@ def _run_case(
 
     if small_tiles:
         # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
-        large = {}
+        shape = dict(slot_atomics=slot_atomics, programs_per_sm=programs_per_sm)
         if large_from_tokens is not None:
-            large = dict(
-                large_block_tokens=8,
-                large_lane_experts=4,
-                large_from_tokens=large_from_tokens,
-                slot_atomics=slot_atomics,
+            shape |= dict(
+                large_block_tokens=8, large_lane_experts=4, large_from_tokens=large_from_tokens
             )
         if table_entries is not None:
-            large["table_entries"] = table_entries
+            shape["table_entries"] = table_entries
         _routing_kernels.set_config_override(
-            _routing_kernels.RouteKernelConfig(
-                block_tokens=4, num_warps=1, programs_per_sm=1, **large
-            )
+            _routing_kernels.RouteKernelConfig(block_tokens=4, num_warps=1, **shape)
         )
     if lane_experts is not None:
         _routing_kernels.set_config_override(
