@@ -572,27 +572,29 @@ def run_timings(args, device, bandwidth, deadline, out_path, report) -> list[Tim
 
 def run_sweep(device, bandwidth, report) -> list[dict]:
     """Kernel launch shapes (the knobs ``RouteKernelConfig`` exposes), EPLB on, E=256 k=8:
-    each shape is checked against eager at three sizes, then timed over batch sizes."""
-    config = _routing_kernels.RouteKernelConfig
+    each shape is checked against eager at four sizes, then timed over batch sizes."""
     default = _routing_kernels.default_config(256, True, True)
     shapes = {
         "default": default,
         "default_map_read_per_slot": dataclasses.replace(default, table_entries=0),
-        "4w_16x32+64x16": dataclasses.replace(default, block_tokens=16, lane_experts=32),
-        "8w_4x32+128x16": config(
-            4, 8, 1, lane_experts=8, large_block_tokens=128, slot_atomics=True
+        "without_large_launch": dataclasses.replace(default, large_launch=None),
+        "large_launch_from_6144": dataclasses.replace(default, large_launch_from_tokens=6144),
+        "large_launch_2_per_sm": dataclasses.replace(
+            default, large_launch=dataclasses.replace(default.large_launch, programs_per_sm=2)
         ),
     }
     if device.type != "cuda":
         shapes = dict(list(shapes.items())[:2])
     case = next(c for c in CASES if c.name == "E256_k8")
-    tokens = (1, 16, 128, 1024, 2048, 4096, 16384, 65536) if device.type == "cuda" else (1, 33)
+    tokens = (
+        (1, 16, 128, 1024, 4096, 8192, 16384, 32768, 65536) if device.type == "cuda" else (1, 33)
+    )
     l2 = l2_bytes(device)
     rows = []
     for name, shape in shapes.items():
         _routing_kernels.set_config_override(shape)
         try:
-            for num_tokens in (1000, 4099, 65536) if device.type == "cuda" else (33,):
+            for num_tokens in (1000, 4099, 8192, 65536) if device.type == "cuda" else (33,):
                 problem = make_problem(case, num_tokens, True, device, ties=True, seed=9)
                 check = check_problem("kernel", problem)
                 rows.append({"shape": name, "check": check["check"], "ok": check["ok"]})

@@ -246,6 +246,13 @@ def _cases():
         num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
         count_bins=40, large_from_tokens=16, programs_per_sm=0, slot_atomics=True,
     )  # fmt: skip
+    # A second launch (other warps) for large batches: each launch's grid is empty
+    # outside its token counts; taken (37 >= 30) and not (37 < 40).
+    for threshold in (30, 40):
+        cases[f"large_launch_from{threshold}_counts_padded"] = dict(
+            num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True, ties=True,
+            large_launch_from_tokens=threshold, slot_atomics=True, unpadded=29, count_bins=40,
+        )  # fmt: skip
     # The lanes' merge (persistent launches, packed keys) for each list width, over 16
     # lanes of 4 keys (lists padded beyond 4), and the rounds beyond 16 keys. Random
     # logits: the grid ones make most rows cross zero, which the exact redo handles.
@@ -291,6 +298,7 @@ def _run_case(
     slot_atomics=False,
     table_entries=None,
     programs_per_sm=1,
+    large_launch_from_tokens=None,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -364,7 +372,17 @@ def _run_case(
         shape = dict(slot_atomics=slot_atomics, programs_per_sm=programs_per_sm)
         if large_from_tokens is not None:
             shape |= dict(
-                large_block_tokens=8, large_lane_experts=4, large_from_tokens=large_from_tokens
+                large_block_tokens=8,
+                large_lane_experts=4,
+                large_from_tokens=large_from_tokens,
+            )
+        if large_launch_from_tokens is not None:
+            # its own layout: 8-token tiles of 4 experts per lane, over two warps
+            shape |= dict(
+                large_launch=_routing_kernels.RouteKernelConfig(
+                    block_tokens=8, num_warps=2, programs_per_sm=1, lane_experts=4
+                ),
+                large_launch_from_tokens=large_launch_from_tokens,
             )
         if table_entries is not None:
             shape["table_entries"] = table_entries
