@@ -146,11 +146,12 @@ def check_router(name: str, strategy: str, device) -> dict:
         top_k=8, global_num_experts=num_physical, eplb_state=state, **options
     )
     compiled = mc.compile(router.select_experts, fusion={"strategy": strategy}, fullgraph=True)
-    # Many rows: a near-tie that device math breaks differently shows up as a
+    # One graph (fused once) serves both launches and both layouts (1, 3000, 8192 tokens
+    # on). Many rows: a near-tie that device math breaks differently shows up as a
     # few differing rows in hundreds of thousands.
     generator = torch.Generator(device=device).manual_seed(0)
     rows_differing, ids_equal, loads_equal, weights_close = 0, True, True, True
-    for num_tokens in (3000, 65536, 65536, 65536, 65536):
+    for num_tokens in (1, 3000, 8192, 65536, 65536, 65536, 65536):
         logits = torch.randn(num_tokens, 256, device=device, generator=generator).bfloat16()
         hidden = torch.empty(num_tokens, 1, device=device)
         state.expert_load_view.zero_()
