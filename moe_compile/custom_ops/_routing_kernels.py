@@ -680,7 +680,6 @@ def _route_tiles(
     SLOT_ATOMICS: tl.constexpr,
     TABLE_EXPERTS: tl.constexpr,
     TABLE_REPLICAS: tl.constexpr,
-    PERSISTENT: tl.constexpr,
     load_counts,
     expert_counts,
 ):
@@ -693,6 +692,8 @@ def _route_tiles(
     CHOSEN_ONLY_WEIGHTS: tl.constexpr = (
         SCORING == 0 and RENORMALIZE and not HAS_BIAS and NUM_GROUPS == 1
     )
+    # The launcher caps the grid at a few programs per SM when it counts (EPLB, counts).
+    PERSISTENT: tl.constexpr = HAS_EPLB or COUNT_BINS > 0
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(num_tokens, BLOCK_T)
@@ -983,7 +984,6 @@ def _route_kernel(
     SLOT_ATOMICS: tl.constexpr,
     TABLE_EXPERTS: tl.constexpr,
     TABLE_REPLICAS: tl.constexpr,
-    PERSISTENT: tl.constexpr,
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
@@ -1001,8 +1001,7 @@ def _route_kernel(
                 OUT_WIDTH, LARGE_HEADS, LARGE_SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING,
                 HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS,
                 LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K,
-                PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, PERSISTENT, load_counts,
-                expert_counts
+                PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, load_counts, expert_counts
             )  # fmt: skip
         else:
             load_counts, expert_counts = _route_tiles(
@@ -1015,7 +1014,7 @@ def _route_kernel(
                 HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE,
                 HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T,
                 REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
-                TABLE_EXPERTS, TABLE_REPLICAS, PERSISTENT, load_counts, expert_counts
+                TABLE_EXPERTS, TABLE_REPLICAS, load_counts, expert_counts
             )  # fmt: skip
     else:
         load_counts, expert_counts = _route_tiles(
@@ -1027,8 +1026,8 @@ def _route_kernel(
             MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED,
             N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
             LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
-            PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS, PERSISTENT,
-            load_counts, expert_counts
+            PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS, load_counts,
+            expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB and not (SLOT_ATOMICS and LARGE_BLOCK_T == 0):
@@ -1054,8 +1053,8 @@ class RouteKernelConfig:
     block_tokens: int
     num_warps: int
     programs_per_sm: int = 2
-    """With EPLB or counts: the grid's cap (0: a program per tile, each adding its
-    own histograms, or its slots one by one with ``slot_atomics``)."""
+    """With EPLB or counts, the grid's cap: each program flushes its histograms once
+    (a program per tile took 130 us at 65536 tokens, E=256, with the flushes contending)."""
     packed_top_k: bool = True
     """Allow the packed-key top-k for 16-bit softmax logits (exact fallback per tile)."""
     lane_experts: int = 32
@@ -1091,7 +1090,7 @@ def default_config(
     row_width: int, packed_top_k: bool = True, eplb: bool = True
 ) -> RouteKernelConfig:
     """Launch shape from H100 and H200 sweeps (``--sweep`` in bench/routing_kernel.py, and
-    the A/B runs in bench/results/routing_kernel_ab_2026-11-28.json).
+    the A/B runs in bench/results/routing_kernel_ab_*2026-11-28.json).
 
     int32 keys: 32 experts per lane, one row per thread (many programs, so many warps
     per SM hide the latency and fewer instructions win). With EPLB (a persistent grid
@@ -1272,8 +1271,8 @@ def launch_route_kernel(
         TABLE_EXPERTS=table_experts,
     )
     # EPLB and counts add per-program histograms: a grid capped at a few programs
-    # per SM flushes few of them (programs_per_sm=0: a program per tile).
-    counting = eplb is not None or count_outputs is not None
+    # per SM flushes few of them.
+    persistent = eplb is not None or count_outputs is not None
 
     def launch(config: RouteKernelConfig, runs) -> None:
         """One launch of ``config``'s shape; ``runs`` (0 or 1, symbolic) gates its grid."""
@@ -1295,7 +1294,6 @@ def launch_route_kernel(
             layouts |= tile_layout(config.large_block_tokens, config.large_lane_experts, "LARGE_")
         else:  # LARGE_BLOCK_T = 0 compiles the second layout out
             layouts |= {f"LARGE_{name}": 0 for name in layouts}
-        persistent = counting and config.programs_per_sm > 0
         num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
         if persistent:
             cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
@@ -1310,7 +1308,6 @@ def launch_route_kernel(
             TABLE_REPLICAS=table_replicas
             if table_experts * table_replicas <= config.table_entries
             else 0,
-            PERSISTENT=persistent,
             num_warps=config.num_warps,
         )
 

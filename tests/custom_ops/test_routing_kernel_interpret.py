@@ -235,16 +235,10 @@ def _cases():
         num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True,
         large_from_tokens=40, slot_atomics=True, unpadded=29, table_entries=0,
     )  # fmt: skip
-    # A program per tile (programs_per_sm=0): each adds its load histogram, or each
-    # slot its atomic, and its counts; the lanes' rounds instead of their merge.
-    for slot_atomics in (False, True):
-        cases[f"program_per_tile_slot_atomics_{slot_atomics}_corrupt_map_padded"] = dict(
-            num_experts=20, top_k=3, num_tokens=31, eplb=True, small_tiles=True, corrupt=True,
-            programs_per_sm=0, slot_atomics=slot_atomics, unpadded=23, ties=True,
-        )  # fmt: skip
-    cases["program_per_tile_two_layouts_counts"] = dict(
-        num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
-        count_bins=40, large_from_tokens=16, programs_per_sm=0, slot_atomics=True,
+    # One layout counting with an atomic per slot (no histogram flush at all).
+    cases["slot_atomics_one_layout_corrupt_map_padded"] = dict(
+        num_experts=20, top_k=3, num_tokens=31, eplb=True, small_tiles=True, corrupt=True,
+        slot_atomics=True, unpadded=23, ties=True,
     )  # fmt: skip
     # A second launch (other warps) for large batches: each launch's grid is empty
     # outside its token counts; taken (37 >= 30) and not (37 < 40).
@@ -297,7 +291,6 @@ def _run_case(
     large_from_tokens=None,
     slot_atomics=False,
     table_entries=None,
-    programs_per_sm=1,
     large_launch_from_tokens=None,
 ):
     import torch
@@ -369,7 +362,7 @@ def _run_case(
 
     if small_tiles:
         # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
-        shape = dict(slot_atomics=slot_atomics, programs_per_sm=programs_per_sm)
+        shape = dict(slot_atomics=slot_atomics)
         if large_from_tokens is not None:
             shape |= dict(
                 large_block_tokens=8,
@@ -387,7 +380,9 @@ def _run_case(
         if table_entries is not None:
             shape["table_entries"] = table_entries
         _routing_kernels.set_config_override(
-            _routing_kernels.RouteKernelConfig(block_tokens=4, num_warps=1, **shape)
+            _routing_kernels.RouteKernelConfig(
+                block_tokens=4, num_warps=1, programs_per_sm=1, **shape
+            )
         )
     if lane_experts is not None:
         _routing_kernels.set_config_override(
