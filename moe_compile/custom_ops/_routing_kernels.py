@@ -485,29 +485,23 @@ def _selection_keys(
 
 
 @triton.jit
-def _packed_suspect(last, first, LOGITS_DTYPE: tl.constexpr):
-    """Rows whose packed choice may differ from the float32 one: see the module doc.
-    The chosen logits lie between ``last`` and ``first``, so checking both bounds
-    suffices for closeness to zero only if they share a sign; otherwise zero lies
-    between them and the row is suspect anyway."""
+def _packed_suspect(chosen, last, first, LOGITS_DTYPE: tl.constexpr):
+    """Rows whose packed choice may differ from the float32 one (see the module doc): a
+    chosen logit near zero, a non-finite one (those sort to the ends: ``first`` or
+    ``last``), or chosen scores far enough apart to underflow. Padding keys hold the
+    largest magnitude, so they never look near zero."""
     if LOGITS_DTYPE == tl.bfloat16:
         TINY: tl.constexpr = 0x3C00  # 2**-7: bf16 neighbours there are 2**-15 apart
         HUGE: tl.constexpr = 0x7F80  # inf
     else:
         TINY: tl.constexpr = 0x2C00  # 2**-4 in float16
         HUGE: tl.constexpr = 0x7C00
+    # Ordered bits: a non-negative value holds its magnitude, a negative one its complement.
+    chosen_bits = chosen >> 16
+    near_zero = tl.min(chosen_bits ^ (chosen_bits >> 31), axis=1) < TINY
     high = first >> 16
     low = last >> 16
-    high_magnitude = high ^ (high >> 31)
-    low_magnitude = low ^ (low >> 31)
-    # Ordered bits: a non-negative value holds its magnitude, a negative one its complement.
-    crosses_zero = (high >= 0) & (low < 0)
-    near_zero = (
-        crosses_zero
-        | ((high >= 0) & (low_magnitude < TINY))
-        | ((low < 0) & (high_magnitude < TINY))
-    )
-    not_finite = (high_magnitude >= HUGE) | (low_magnitude >= HUGE)
+    not_finite = ((high ^ (high >> 31)) >= HUGE) | ((low ^ (low >> 31)) >= HUGE)
     span = _ordered_to_float(high, LOGITS_DTYPE) - _ordered_to_float(low, LOGITS_DTYPE)
     return near_zero | not_finite | (span > 80.0)
 
@@ -756,7 +750,7 @@ def _route_tiles(
                 keys = keys + (_packed_key(x_raw[j], experts[j], valid[j]),)
             chosen, last, first = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY32, PERSISTENT)
             logical = _key_expert(chosen)
-            suspect = _packed_suspect(last, first, logits_ptr.dtype.element_ty)
+            suspect = _packed_suspect(chosen, last, first, logits_ptr.dtype.element_ty)
             if not CHOSEN_ONLY_WEIGHTS:
                 x = _to_float32(x_raw)
                 numerators, row_max, row_sum = _row_softmax_stats(x, valid, PRECISE_MATH)
