@@ -1042,7 +1042,8 @@ def _route_kernel(
 @dataclass(frozen=True)
 class RouteKernelConfig:
     """Launch shape: tokens per tile, warps, experts per lane, and (persistent grid: EPLB
-    or counts) programs per SM and an optional second layout for large batches."""
+    or counts) programs per SM, with an optional second layout and second launch for
+    large batches."""
 
     block_tokens: int
     num_warps: int
