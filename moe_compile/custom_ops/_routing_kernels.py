@@ -1269,24 +1269,33 @@ def launch_route_kernel(
     # per SM flushes few of them.
     persistent = eplb is not None or count_outputs is not None
 
+    def tile_layout(block_tokens, lane_experts, num_warps, prefix=""):
+        lanes, members_per_lane = lane_layout(groups, group_size, lane_experts)
+        lane_keys = groups * members_per_lane
+        return {
+            f"{prefix}BLOCK_T": block_tokens,
+            f"{prefix}LANES": lanes,
+            f"{prefix}MEMBERS_PER_LANE": members_per_lane,
+            f"{prefix}HEADS": triton.next_power_of_2(min(lane_keys, top_k)),
+            f"{prefix}SORT_WIDTH": triton.next_power_of_2(lane_keys),
+            f"{prefix}REDO_T": max(1, min(block_tokens, 32 * num_warps // redo_lanes)),
+        }
+
     def launch(config: RouteKernelConfig, runs) -> None:
-        """One launch of ``config``'s shape; ``runs`` (0 or 1, symbolic) gates its grid."""
-
-        def tile_layout(block_tokens, lane_experts, prefix=""):
-            lanes, members_per_lane = lane_layout(groups, group_size, lane_experts)
-            lane_keys = groups * members_per_lane
-            return {
-                f"{prefix}BLOCK_T": block_tokens,
-                f"{prefix}LANES": lanes,
-                f"{prefix}MEMBERS_PER_LANE": members_per_lane,
-                f"{prefix}HEADS": triton.next_power_of_2(min(lane_keys, top_k)),
-                f"{prefix}SORT_WIDTH": triton.next_power_of_2(lane_keys),
-                f"{prefix}REDO_T": max(1, min(block_tokens, 32 * config.num_warps // redo_lanes)),
-            }
-
-        layouts = tile_layout(config.block_tokens, config.lane_experts)
+        """``config``'s launch, then its large launch; ``runs`` (0 or 1, symbolic) gates
+        the grids."""
+        if config.large_launch is not None:
+            # 1 from large_launch_from_tokens on, else 0: arithmetic, so no guard on the count
+            large = torch.sym_min(
+                1, torch.sym_max(0, num_tokens - config.large_launch_from_tokens + 1)
+            )
+            launch(config.large_launch, runs * large)
+            runs = runs * (1 - large)
+        layouts = tile_layout(config.block_tokens, config.lane_experts, config.num_warps)
         if config.large_block_tokens:
-            layouts |= tile_layout(config.large_block_tokens, config.large_lane_experts, "LARGE_")
+            layouts |= tile_layout(
+                config.large_block_tokens, config.large_lane_experts, config.num_warps, "LARGE_"
+            )
         else:  # LARGE_BLOCK_T = 0 compiles the second layout out
             layouts |= {f"LARGE_{name}": 0 for name in layouts}
         num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
@@ -1306,10 +1315,4 @@ def launch_route_kernel(
             num_warps=config.num_warps,
         )
 
-    if config.large_launch is None:
-        launch(config, 1)
-    else:
-        # 1 from large_launch_from_tokens on, else 0: arithmetic, so no guard on the count
-        large = torch.sym_min(1, torch.sym_max(0, num_tokens - config.large_launch_from_tokens + 1))
-        launch(config, 1 - large)
-        launch(config.large_launch, large)
+    launch(config, 1)

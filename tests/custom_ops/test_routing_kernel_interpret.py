@@ -249,7 +249,7 @@ def _cases():
         )  # fmt: skip
     # The lanes' merge (persistent launches, packed keys) for each list width, over 16
     # lanes of 4 keys (lists padded beyond 4), and the rounds beyond 16 keys. Random
-    # logits: the grid ones make most rows cross zero, which the exact redo handles.
+    # logits, so that the merge rather than the exact redo decides most rows.
     for top_k in (1, 2, 8, 16, 20):
         cases[f"eplb_packed_E64_k{top_k}"] = dict(
             num_experts=64, top_k=top_k, num_tokens=9, eplb=True, lane_experts=4
