@@ -13,6 +13,11 @@ from .layer_state import EplbLayerState
 
 REPLICA_POLICIES = ("modulo", "token_hash")
 TOKEN_HASH_MULTIPLIER = 2654435769  # Knuth's multiplicative hash, 2**32 / golden ratio
+# The same multiplier modulo 2**32, as a signed 32-bit value: the product's low
+# 32 bits are unchanged, and Inductor, which folds ``arange * constant`` into
+# an int32 index expression, can then compile it (2654435769 itself is out of
+# int32 range, and Triton refuses the kernel for any batch of 16 or more tokens).
+_TOKEN_HASH_MULTIPLIER_INT32 = TOKEN_HASH_MULTIPLIER - (1 << 32)
 
 
 def replica_index(
@@ -23,7 +28,7 @@ def replica_index(
         return slot % replica_count
     if policy == "token_hash":
         token = slot // top_k
-        return ((token * TOKEN_HASH_MULTIPLIER) & 0xFFFFFFFF) % replica_count
+        return ((token * _TOKEN_HASH_MULTIPLIER_INT32) & 0xFFFFFFFF) % replica_count
     raise ValueError(f"unknown EPLB replica policy {policy!r}; expected one of {REPLICA_POLICIES}")
 
 
