@@ -137,12 +137,17 @@ def _key_score(key):
 
 
 @triton.jit
-def _packed_key(x_raw, expert, valid):
-    """int32 key of a 16-bit logit: its bits in value order, then the inverted expert index."""
+def _packed_key(x_raw, expert, valid, ALL_VALID: tl.constexpr):
+    """int32 key of a 16-bit logit: its value as a signed integer (sign and magnitude
+    to two's complement, so ``-0.0`` and ``+0.0`` are both 0) above the inverted
+    expert index."""
     bits = x_raw.to(tl.int16, bitcast=True).to(tl.int32)
-    bits = tl.where(bits == -32768, 0, bits)  # -0.0 ties with +0.0
-    ordered = bits ^ ((bits >> 15) & 0x7FFF)
-    return tl.where(valid, (ordered << 16) | (0xFFFF - expert), _NO_KEY32)
+    sign = bits >> 15  # 0 or -1
+    ordered = (bits ^ (sign & 0x7FFF)) - sign
+    key = ordered * 65536 + (0xFFFF - expert)  # one multiply-add; no overlap
+    if not ALL_VALID:
+        key = tl.where(valid, key, _NO_KEY32)
+    return key
 
 
 @triton.jit
@@ -496,20 +501,20 @@ def _packed_suspect(chosen, last, first, LOGITS_DTYPE: tl.constexpr):
     else:
         TINY: tl.constexpr = 0x2C00  # 2**-4 in float16
         HUGE: tl.constexpr = 0x7C00
-    # Ordered bits: a non-negative value holds its magnitude, a negative one its complement.
-    chosen_bits = chosen >> 16
-    near_zero = tl.min(chosen_bits ^ (chosen_bits >> 31), axis=1) < TINY
+    # A key's high half is its logit's magnitude bits, negated for a negative logit.
+    near_zero = tl.min(tl.abs(chosen >> 16), axis=1) < TINY
     high = first >> 16
     low = last >> 16
-    not_finite = ((high ^ (high >> 31)) >= HUGE) | ((low ^ (low >> 31)) >= HUGE)
+    not_finite = (tl.abs(high) >= HUGE) | (tl.abs(low) >= HUGE)
     span = _ordered_to_float(high, LOGITS_DTYPE) - _ordered_to_float(low, LOGITS_DTYPE)
     return near_zero | not_finite | (span > 80.0)
 
 
 @triton.jit
 def _ordered_to_float(ordered, LOGITS_DTYPE: tl.constexpr):
-    """Inverse of the order-preserving map of 16-bit float bits the packed keys use."""
-    bits = ordered ^ ((ordered >> 15) & 0x7FFF)
+    """Inverse of :func:`_packed_key`'s map of 16-bit float bits to ordered integers."""
+    sign = ordered >> 15
+    bits = (ordered + sign) ^ (sign & 0x7FFF)
     return bits.to(tl.int16).to(LOGITS_DTYPE, bitcast=True).to(tl.float32)
 
 
@@ -681,6 +686,9 @@ def _route_tiles(
     histograms; the launch shape's layout constexprs are parameters so that one
     kernel can hold two layouts."""
     CHUNK: tl.constexpr = NUM_GROUPS * MEMBERS_PER_LANE
+    # Every entry of the lane layout is an expert (power-of-two groups filling it):
+    # the keys need no mask.
+    ALL_VALID: tl.constexpr = LANES * MEMBERS_PER_LANE == GROUP_SIZE and CHUNK == SORT_WIDTH
     # Packed keys: softmax weights renormalized over the chosen experts need neither
     # the row's sum (it cancels) nor its max (the first chosen logit is the max).
     CHOSEN_ONLY_WEIGHTS: tl.constexpr = (
@@ -747,7 +755,7 @@ def _route_tiles(
         if PACKED_TOP_K:
             keys = ()
             for j in tl.static_range(SORT_WIDTH):
-                keys = keys + (_packed_key(x_raw[j], experts[j], valid[j]),)
+                keys = keys + (_packed_key(x_raw[j], experts[j], valid[j], ALL_VALID),)
             chosen, last, first = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY32, PERSISTENT)
             logical = _key_expert(chosen)
             suspect = _packed_suspect(chosen, last, first, logits_ptr.dtype.element_ty)
