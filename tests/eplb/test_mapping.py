@@ -139,6 +139,28 @@ def test_token_hash_wraps_at_32_bits_for_large_batches():
     assert state.expert_load_view.tolist() == ref_load
 
 
+def test_token_hash_multiplies_the_token_index_by_an_int32_constant():
+    # Inductor folds ``arange * constant`` into an index expression that Triton
+    # types as int32; 2654435769 itself made every CUDA compile of 16+ tokens fail.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moe_compile.eplb.mapping import replica_index
+
+    def choose(slot, replica_count):
+        return replica_index(slot, 2, replica_count, "token_hash")
+
+    graph = make_fx(choose)(torch.arange(8).view(4, 2), torch.full((4, 2), 3)).graph
+    multipliers = [
+        arg
+        for node in graph.nodes
+        if node.target is torch.ops.aten.mul.Tensor
+        for arg in node.args
+        if isinstance(arg, int)
+    ]
+    assert multipliers, "the token hash must multiply the token index"
+    assert all(-(2**31) <= m < 2**31 for m in multipliers), multipliers
+
+
 def test_ids_outside_the_logical_range_map_to_minus_one_and_are_not_counted():
     state = make_state([[2], [0], [1]], [1, 1, 1], 3)
     ids = torch.tensor([[-1, 0], [3, 1], [7, 2]])
