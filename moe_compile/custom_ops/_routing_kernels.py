@@ -141,10 +141,10 @@ def _packed_key(x_raw, expert, valid, ALL_VALID: tl.constexpr):
     """int32 key of a 16-bit logit: its value as a signed integer (sign and magnitude
     to two's complement, so ``-0.0`` and ``+0.0`` are both 0) above the inverted
     expert index."""
-    bits = x_raw.to(tl.int16, bitcast=True).to(tl.int32)
-    sign = bits >> 15  # 0 or -1
-    ordered = (bits ^ (sign & 0x7FFF)) - sign
-    key = ordered * 65536 + (0xFFFF - expert)  # one multiply-add; no overlap
+    high = x_raw.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    sign = high >> 31  # 0 or -1
+    # (magnitude ^ sign) - sign negates a negative magnitude; its low half stays 0
+    key = ((high & 0x7FFF0000) ^ sign) - sign + (0xFFFF - expert)
     if not ALL_VALID:
         key = tl.where(valid, key, _NO_KEY32)
     return key
