@@ -156,20 +156,38 @@ def _key_expert(key):
 
 
 # ---------------------------------------------------------------- per-lane sorting
+# Sorting networks of fewer comparators than bitonic sort's (4 keys: 5 instead of
+# 6; 8 keys: 19 instead of 24), as pairs (i, j): the larger key goes to i.
+_SORTING_NETWORKS = {
+    2: ((0, 1),),
+    4: ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2)),
+    8: (
+        (0, 2), (1, 3), (4, 6), (5, 7),
+        (0, 4), (1, 5), (2, 6), (3, 7),
+        (0, 1), (2, 3), (4, 5), (6, 7),
+        (2, 4), (3, 5),
+        (1, 4), (3, 6),
+        (1, 2), (3, 4), (5, 6),
+    ),
+}  # fmt: skip
+
+
 @triton.constexpr_function
 def _heads_network(width, heads):
     """Steps ``(high, low, exchange)`` that leave the best ``heads`` of ``width`` keys
     in ``keys[:heads]``, descending. A step sets ``keys[high] = max`` of the pair and,
     if ``exchange``, ``keys[low] = min``.
 
-    First a bitonic sort of each block of ``heads`` keys (blocks with bit ``s`` of
-    the index set run ascending at stage ``s``). Then neighbouring sorted blocks
-    merge: the maxima of one descending and one ascending block are a bitonic
+    First each block of ``heads`` keys is sorted descending. Then neighbouring sorted
+    blocks merge: the larger of ``a[i]`` and ``b[heads - 1 - i]`` is a bitonic
     sequence holding the best ``heads`` of both, which one bitonic merge sorts.
     """
     steps = []
     for block in range(0, width, heads):
-        size = 2
+        if heads in _SORTING_NETWORKS:
+            steps += [(block + i, block + j, True) for i, j in _SORTING_NETWORKS[heads]]
+            continue
+        size = 2  # bitonic sort
         while size <= heads:
             stride = size // 2
             while stride > 0:
