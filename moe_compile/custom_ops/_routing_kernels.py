@@ -1121,9 +1121,9 @@ def default_config(
     from 3072 on, 16 experts per lane and eight rows per thread, whose independent
     loads hide the latency the few programs leave exposed (E=256: 64-token tiles); from
     8192 on, a second launch of one 8-warp program per SM with 128-token tiles (E=256,
-    H200: 11.8 us instead of 15.4 at 16384 tokens; below 8192 its few programs lose),
-    32 experts per lane (fewer merge levels across lanes: its tile loop compiles to
-    26.4 sm_90 instructions per key instead of 33.4 with 16).
+    H200: 11.8 us instead of 15.4 at 16384 tokens; below 8192 its few programs lose).
+    32 experts per lane there compile to fewer instructions per key (26.4 against
+    33.4) but ran slower (H100, same run: 45.9 us against 38.3 at 65536 tokens).
     int64 keys: 8 experts per lane and eight rows per thread, EPLB map read per slot.
     """
     num_warps = 4
@@ -1147,7 +1147,7 @@ def default_config(
             large_lane_experts=16,
             slot_atomics=True,
             large_launch=RouteKernelConfig(
-                min(256, 2 * large_tile), 2 * num_warps, programs_per_sm=1, lane_experts=32
+                min(256, 2 * large_tile), 2 * num_warps, programs_per_sm=1, lane_experts=16
             ),
         )
     return config
