@@ -8,78 +8,16 @@ compiled. The launch arguments come from ``launch_route_kernel`` itself.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from moe_compile.custom_ops import _routing_kernels  # noqa: E402
-from moe_compile.eplb import EplbLayerState  # noqa: E402
-
-KERNEL = _routing_kernels._route_kernel
-_POINTER_TYPES = {
-    torch.bfloat16: "*bf16",
-    torch.float16: "*fp16",
-    torch.float32: "*fp32",
-    torch.int32: "*i32",
-    torch.int64: "*i64",
-    torch.int16: "*i16",
-    torch.bool: "*i1",
-}
-
-
-def _launch_arguments(monkeypatch, logits, bias, top_k, *, eplb_policy=None, **options):
-    captured = {}
-
-    class Capture:
-        def __getitem__(self, grid):
-            return lambda **kwargs: captured.update(kwargs)
-
-    monkeypatch.setattr(_routing_kernels, "_route_kernel", Capture())
-    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: kernel)
-    num_tokens, width = logits.shape
-    shared = options.get("num_fused_shared_experts", 0)
-    eplb = None
-    if eplb_policy is not None:
-        num_routed = width - shared
-        state = EplbLayerState(
-            expert_load_view=torch.zeros(num_routed + 8, dtype=torch.int32),
-            logical_to_physical_map=torch.zeros(num_routed, 2, dtype=torch.int64),
-            logical_replica_count=torch.ones(num_routed, dtype=torch.int64),
-            should_record_tensor=torch.tensor(True),
-        )
-        eplb = (state, eplb_policy)
-    _routing_kernels.launch_route_kernel(
-        logits,
-        bias,
-        torch.empty(num_tokens, top_k + shared),
-        torch.empty(num_tokens, top_k + shared, dtype=torch.int32),
-        top_k=top_k,
-        eplb=eplb,
-        **options,
-    )
-    return captured
-
-
-def _compile(arguments):
-    kernel = KERNEL
-    signature, constexprs = {}, {}
-    for name in kernel.arg_names:
-        value = arguments[name]
-        if name in {p.name for p in kernel.params if p.is_constexpr}:
-            signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = _POINTER_TYPES[value.dtype]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import kernel_sass  # noqa: E402  (the same capture and compile as the SASS tool)
 
 COMMON = dict(routed_scaling_factor=1.0, num_fused_shared_experts=0)
 CASES = {
@@ -109,13 +47,34 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_compiles_for_sm90(monkeypatch, case):
+def test_kernel_compiles_for_sm90(case):
     dtype, width, top_k, has_bias, options, policy = CASES[case]
     logits = torch.zeros(5, width, dtype=dtype)
     num_routed = width - options.get("num_fused_shared_experts", 0)
     bias = torch.zeros(num_routed) if has_bias else None
-    arguments = _launch_arguments(
-        monkeypatch, logits, bias, top_k, eplb_policy=policy, **(COMMON | options)
+    launches = kernel_sass.capture_launches(
+        logits, bias, top_k, eplb_policy=policy, **(COMMON | options)
     )
-    compiled = _compile(arguments)
-    assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+    assert len(launches) == 1, "one kernel runs per call"
+    for _, arguments in launches:
+        compiled = kernel_sass.compile_sm90(arguments)
+        assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_tokens", [5, 8192])
+def test_one_launch_runs_per_call_and_its_tile_loop_is_found(num_tokens):
+    # 8192 tokens take the EPLB large launch; the tile loop reads the logits and sorts.
+    dtype, width, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
+    logits = torch.zeros(num_tokens, width, dtype=dtype)
+    launches = kernel_sass.capture_launches(
+        logits, None, top_k, eplb_policy=policy, **(COMMON | options)
+    )
+    assert len(launches) == 1
+    ((_, arguments),) = launches
+    assert (arguments["num_warps"] == 8) == (num_tokens >= 8192)
+    sass, usage = kernel_sass.disassemble(kernel_sass.compile_sm90(arguments))
+    loop = kernel_sass.tile_loop_opcodes(sass)
+    total = sass.count(";")
+    assert loop["LDG"] > 0 and loop["VIMNMX"] > 0 and sum(loop.values()) < total
+    assert "REG:" in usage
