@@ -17,7 +17,8 @@ on equal scores, the lower index (as eager ``topk`` does):
   of PyTorch's CUDA kernels (libdevice exp/log1p, ``div_rn``, ``sqrt_rn``), so
   equal inputs give equal keys as in eager.
 - int32 keys (``PACKED_TOP_K``), for softmax without bias or groups on 16-bit
-  logits: the logit's 16 bits. Softmax ranks like the logits except where
+  logits: the logit as a signed 16-bit integer (sign and magnitude converted to
+  two's complement, ``-0.0`` as ``+0.0``). Softmax ranks like the logits except where
   float32 rounding makes distinct logits' scores equal, which needs logits
   within about 2e-5 of each other: only near zero, or where scores underflow.
   Tiles where a chosen logit is within 2**-7 (bf16) / 2**-4 (fp16) of zero, not
@@ -26,9 +27,9 @@ on equal scores, the lower index (as eager ``topk`` does):
   code and few registers for a rare path, so the common path keeps its
   occupancy).
 
-Top-k. Each lane sorts its keys once: bitonic networks over blocks of
-``HEADS = next_pow2(min(CHUNK, TOP_K))`` keys, then pairwise merges that keep
-the best ``HEADS``. The lanes' lists are then combined in one of two ways. In the
+Top-k. Each lane sorts its keys once: sorting networks over blocks of
+``HEADS = next_pow2(min(CHUNK, TOP_K))`` keys (19 comparators for 8), then
+pairwise bitonic merges that keep the best ``HEADS``. The lanes' lists are then combined in one of two ways. In the
 persistent launches (EPLB, counts: few warps per SM, latency exposed) they merge
 in a reduction over the lanes whose combine keeps the best ``TOP_K_PAD`` of two
 sorted lists: ``log2(LANES)`` levels of independent shuffles. Otherwise (and
