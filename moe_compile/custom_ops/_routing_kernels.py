@@ -1103,7 +1103,11 @@ _config_override: RouteKernelConfig | None = None
 
 
 def set_config_override(config: RouteKernelConfig | None) -> None:
-    """Force a launch shape for every later launch (benchmarks); ``None`` restores the default."""
+    """Force a launch shape for every later launch (benchmarks); ``None`` restores the default.
+
+    The shape is read when a launch is made or traced and is in no compile cache key:
+    a graph compiled (or loaded from the FX graph cache) keeps the shape it was first
+    traced with, so A/Bs of compiled code must run with caches off."""
     global _config_override
     _config_override = config
 
