@@ -29,13 +29,13 @@ on equal scores, the lower index (as eager ``topk`` does):
 
 Top-k. Each lane sorts its keys once: sorting networks over blocks of
 ``HEADS = next_pow2(min(CHUNK, TOP_K))`` keys (19 comparators for 8), then
-pairwise bitonic merges that keep the best ``HEADS``. The lanes' lists are then combined in one of two ways. In the
-persistent launches (EPLB, counts: few warps per SM, latency exposed) they merge
-in a reduction over the lanes whose combine keeps the best ``TOP_K_PAD`` of two
-sorted lists: ``log2(LANES)`` levels of independent shuffles. Otherwise (and
-beyond 16 keys) ``TOP_K`` rounds take the maximum of the lanes' first keys and
-the lane that held it drops its first key: fewer instructions, ``TOP_K``
-dependent reductions.
+pairwise bitonic merges that keep the best ``HEADS``. The lanes' lists are then
+combined in one of two ways. In the persistent launches (EPLB, counts: few warps
+per SM, latency exposed) they merge in a reduction over the lanes whose combine
+keeps the best ``TOP_K_PAD`` of two sorted lists: ``log2(LANES)`` levels of
+independent shuffles. Otherwise (and beyond 16 keys) ``TOP_K`` rounds take the
+maximum of the lanes' first keys and the lane that held it drops its first key:
+fewer instructions, ``TOP_K`` dependent reductions.
 
 Grouped routing scores a group by its best key (plus the second best with a
 correction bias, as DeepSeek-V3 does) over its members in all lanes, keeps the
@@ -160,7 +160,6 @@ def _key_expert(key):
 # Sorting networks of fewer comparators than bitonic sort's (4 keys: 5 instead of
 # 6; 8 keys: 19 instead of 24), as pairs (i, j): the larger key goes to i.
 _SORTING_NETWORKS = {
-    2: ((0, 1),),
     4: ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2)),
     8: (
         (0, 2), (1, 3), (4, 6), (5, 7),
