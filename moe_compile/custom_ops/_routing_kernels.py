@@ -3,16 +3,11 @@
 Layout. A program routes ``BLOCK_T`` tokens per tile and loops over tiles. A
 token's row of experts is spread over ``LANES`` threads; each lane holds
 ``CHUNK`` experts of the row as a tuple of ``SORT_WIDTH`` (``CHUNK`` rounded up
-to a power of two) tensors ``[BLOCK_T, LANES]``. Which experts a lane holds
-(:func:`_lane_expert`):
-- one group: runs of ``VEC`` neighbouring experts (16 bytes of logits), run
-  ``r`` of lane ``l`` starting at expert ``(r * LANES + l) * VEC``. Each thread
-  loads its own runs, so the loaded registers are already in the lane layout
-  (no shared-memory transpose, whose barriers stall every warp of the program);
-- groups: entry ``j`` of lane ``l`` is expert ``g * GROUP_SIZE + m`` with group
-  ``g = j // MEMBERS_PER_LANE`` and member ``m = (j % MEMBERS_PER_LANE) * LANES +
-  l``: a group's members are interleaved over the lanes, so that every lane
-  holds members of every group.
+to a power of two) tensors ``[BLOCK_T, LANES]``. Entry ``j`` of lane ``l`` is expert ``g * GROUP_SIZE + m`` with group
+``g = j // MEMBERS_PER_LANE`` and member ``m = (j % MEMBERS_PER_LANE) * LANES +
+l``: a group's members are interleaved over the lanes, so loading one entry
+reads neighbouring experts (coalesced) and every lane holds members of every
+group (ungrouped routing is one group).
 
 Keys. Selection compares one integer per expert: the selection score in value
 order above the inverted expert index, so ``max`` takes the larger score and,
@@ -383,7 +378,7 @@ def _exact_softmax_top_k(
     x = _to_float32(
         _load_lanes(
             logits_ptr, row_offsets, is_row, stride_e,
-            LANES, MEMBERS_PER_LANE, 1, GROUP_SIZE, MEMBERS_PER_LANE, 0,
+            LANES, MEMBERS_PER_LANE, 1, GROUP_SIZE, MEMBERS_PER_LANE,
         )
     )  # fmt: skip
     row_max = tl.where(valid[0], x[0], float("-inf"))
@@ -400,7 +395,7 @@ def _exact_softmax_top_k(
         x = _to_float32(
             _load_lanes(
                 logits_ptr, row_offsets, is_row, stride_e,
-                LANES, MEMBERS_PER_LANE, 1, GROUP_SIZE, MEMBERS_PER_LANE, 0,
+                LANES, MEMBERS_PER_LANE, 1, GROUP_SIZE, MEMBERS_PER_LANE,
             )
         )  # fmt: skip
         lane_best = tl.full(x[0].shape, _NO_KEY64, tl.int64)
@@ -548,24 +543,6 @@ def _bit_reversed(index, width):
 
 
 @triton.jit
-def _lane_expert(
-    j,
-    lane,
-    LANES: tl.constexpr,
-    MEMBERS_PER_LANE: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    VEC: tl.constexpr,
-):
-    """Expert of entry ``j`` of a lane: interleaved group members (``VEC == 0``), or, for
-    one group, runs of ``VEC`` neighbouring experts (a 16-byte load each)."""
-    if VEC > 0:
-        expert = (j // VEC) * (LANES * VEC) + lane * VEC + j % VEC
-    else:
-        expert = (j // MEMBERS_PER_LANE) * GROUP_SIZE + (j % MEMBERS_PER_LANE) * LANES + lane
-    return expert
-
-
-@triton.jit
 def _load_lanes(
     ptr,
     row_offsets,
@@ -576,45 +553,25 @@ def _load_lanes(
     NUM_GROUPS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     WIDTH: tl.constexpr,
-    VEC: tl.constexpr,
 ):
-    """Rows of experts in the lane layout: a tuple of ``WIDTH`` tensors ``[rows, LANES]``,
-    entry ``j`` holding :func:`_lane_expert` ``(j)``.
+    """Rows of experts in the lane layout: a tuple of ``WIDTH`` tensors ``[rows, LANES]``.
 
     One load of the whole tile, split into the tuple: one memory operation instead
     of ``WIDTH`` keeps Triton's coalescing analysis (quadratic in the kernel's
-    memory operations) from dominating compile time. With ``VEC`` each thread's
-    entries are runs of neighbouring experts, so the loaded registers are already
-    the lane's; interleaved members need a shared-memory transpose (16 barriered
-    rounds for E=256).
+    memory operations) from dominating compile time.
     """
-    if VEC > 0:
-        # Runs outermost: Triton gives threads to the innermost dimensions first, so
-        # the runs land in a thread's registers and the lanes and rows in threads.
-        run = tl.arange(0, WIDTH // VEC)[:, None, None, None]
-        lane = tl.arange(0, LANES)[None, None, :, None]
-        member = run * (LANES * VEC) + lane * VEC + tl.arange(0, VEC)[None, None, None, :]
-        tile = tl.load(
-            ptr + row_offsets[None, :, :, None] + member * stride_e,
-            mask=is_row[None, :, None, None] & (member < GROUP_SIZE),
-            other=0.0,
-        )
-        ROWS: tl.constexpr = tile.shape[1]
-        tile = tl.reshape(tl.permute(tile, (1, 2, 0, 3)), [ROWS, LANES, WIDTH])
-    else:
-        entry = tl.arange(0, WIDTH)[None, :, None]
-        lane = tl.arange(0, LANES)[None, None, :]
-        member = (entry % MEMBERS_PER_LANE) * LANES + lane
-        group = entry // MEMBERS_PER_LANE
-        valid = (group < NUM_GROUPS) & (member < GROUP_SIZE)
-        tile = tl.load(
-            ptr + row_offsets[:, :, None] + (group * GROUP_SIZE + member) * stride_e,
-            mask=is_row[:, None, None] & valid,
-            other=0.0,
-        )
-        ROWS: tl.constexpr = tile.shape[0]
-        tile = tl.permute(tile, (0, 2, 1))
-    parts = (tile,)
+    entry = tl.arange(0, WIDTH)[None, :, None]
+    lane = tl.arange(0, LANES)[None, None, :]
+    member = (entry % MEMBERS_PER_LANE) * LANES + lane
+    group = entry // MEMBERS_PER_LANE
+    valid = (group < NUM_GROUPS) & (member < GROUP_SIZE)
+    tile = tl.load(
+        ptr + row_offsets[:, :, None] + (group * GROUP_SIZE + member) * stride_e,
+        mask=is_row[:, None, None] & valid,
+        other=0.0,
+    )
+    ROWS: tl.constexpr = tile.shape[0]
+    parts = (tl.permute(tile, (0, 2, 1)),)
     for _ in tl.static_range(10):
         if len(parts) < WIDTH:
             halves = ()
@@ -762,26 +719,19 @@ def _route_tiles(
     num_tiles = tl.cdiv(num_tokens, BLOCK_T)
     picks_ptr = weights_ptr.to(tl.pointer_type(tl.int32))
 
-    # One group: each thread loads runs of neighbouring experts (16 bytes each), no
-    # transpose. Groups interleave their members over the lanes, so that every lane
-    # holds members of every group.
-    VEC_16_BYTES: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
-    LANE_VEC: tl.constexpr = (
-        0 if NUM_GROUPS > 1 else (VEC_16_BYTES if SORT_WIDTH > VEC_16_BYTES else SORT_WIDTH)
-    )
     lane = tl.arange(0, LANES)[None, :]
     experts = ()
     valid = ()
     for j in tl.static_range(SORT_WIDTH):
-        expert = _lane_expert(j, lane, LANES, MEMBERS_PER_LANE, GROUP_SIZE, LANE_VEC)
-        experts = experts + (expert,)
-        valid = valid + ((expert < (j // MEMBERS_PER_LANE + 1) * GROUP_SIZE) & (j < CHUNK),)
+        member = (j % MEMBERS_PER_LANE) * LANES + lane
+        experts = experts + ((j // MEMBERS_PER_LANE) * GROUP_SIZE + member,)
+        valid = valid + ((member < GROUP_SIZE) & (j < CHUNK),)
     bias = valid  # never read without HAS_BIAS
     if HAS_BIAS:
         bias = _to_float32(
             _load_lanes(
                 bias_ptr, tl.zeros([1, 1], tl.int64), tl.full([1], True, tl.int1), stride_bias,
-                LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH, LANE_VEC,
+                LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
             )
         )  # fmt: skip
     slot = tl.arange(0, TOP_K_PAD)[None, :]
@@ -816,7 +766,7 @@ def _route_tiles(
         out_mask = is_token[:, None] & is_slot
         x_raw = _load_lanes(
             logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
-            LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH, LANE_VEC,
+            LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
         )  # fmt: skip
 
         # ---- selection
