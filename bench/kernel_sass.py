@@ -15,6 +15,11 @@ two layouts (``LARGE_BLOCK_T``) is reported by its large layout, whose loop is l
 Counts are static, a proxy for issue cost and not a timing: in the 2026-12-06 A/B
 (``bench/results/routing_kernel_ab_lanes_2026-12-06.json``) a launch shape with 21%
 fewer instructions per key ran 20% slower.
+
+The layouts, and so the counts, are the installed Triton's: versions lay the same
+kernel out differently (E=256 EPLB large launch: Triton 3.9 gives 173 registers,
+69 barriers in the tile loop and 33.4 instructions per key, 3.6 gives 255, 30 and
+24.5). To see what the device compiles, run this under its Triton (``triton==3.6.0``).
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ def main(argv=None) -> int:
         config=config, scoring_func="softmax", renormalize=True, routed_scaling_factor=1.0,
         num_expert_group=0, topk_group=0, num_fused_shared_experts=0,
     )  # fmt: skip
+    print(f"triton {triton.__version__}, sm_90")
     for grid, arguments in launches:
         sass, usage = disassemble(compile_sm90(arguments))
         if args.dump:
