@@ -211,6 +211,17 @@ def random_replica_layout(
     """
     num_physical = num_logical + num_redundant
     extra = torch.randint(0, num_logical, (num_redundant,), generator=generator).tolist()
+    if max_replicas is not None:
+        if num_physical > num_logical * max_replicas:
+            raise ValueError(f"{num_physical} replicas do not fit {max_replicas} per expert")
+        # Redraw an extra replica of an expert that already has max_replicas (draws
+        # that fit are kept, so layouts that always fit are unchanged).
+        held = [1] * num_logical
+        for i, logical in enumerate(extra):
+            while held[logical] >= max_replicas:
+                logical = int(torch.randint(0, num_logical, (1,), generator=generator))
+            held[logical] += 1
+            extra[i] = logical
     physical_to_logical = list(range(num_logical)) + extra
     shuffle = torch.randperm(num_physical, generator=generator).tolist()
     physical_to_logical = [physical_to_logical[i] for i in shuffle]

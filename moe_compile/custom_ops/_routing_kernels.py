@@ -1119,15 +1119,21 @@ def default_config(
 
     int32 keys: 32 experts per lane, one row per thread (many programs, so many warps
     per SM hide the latency and fewer instructions win). With EPLB (a persistent grid
-    of few programs, so few load atomics, and latency exposed) batches below 3072
-    tokens take 16 experts per lane (a shorter sort per thread; E=256: 8-token tiles),
-    count with an atomic per slot rather than a histogram (few slots per program);
-    from 3072 on, 16 experts per lane and eight rows per thread, whose independent
-    loads hide the latency the few programs leave exposed (E=256: 64-token tiles); from
-    8192 on, a second launch of one 8-warp program per SM with 128-token tiles (E=256,
-    H200: 11.8 us instead of 15.4 at 16384 tokens; below 8192 its few programs lose).
-    32 experts per lane there compile to fewer instructions per key (26.4 against
-    33.4) but ran slower (H100, same run: 45.9 us against 38.3 at 65536 tokens).
+    of few programs, so few load atomics, and latency exposed), three launches, one of
+    which runs per call:
+    - below 17 tokens, one-warp programs of 32 experts per lane (E=256: 4-token
+      tiles), counting with an atomic per slot (H100, same run, 2026-12-06: 2.97 us
+      at one token and 3.06 at 16 against 3.29 and 3.46 with the next launch);
+    - below 8192, 4-warp programs. Below 3072 tokens 16 experts per lane (E=256:
+      8-token tiles), counting with an atomic per slot (few slots per program; the
+      histogram cost 0.4 us at 128 tokens and 0.8 at 1024); from 3072 on, eight rows
+      per thread, whose independent loads hide the latency the few programs leave
+      exposed (E=256: 64-token tiles);
+    - from 8192 on, one 8-warp program per SM with 128-token tiles (E=256, H200:
+      11.8 us instead of 15.4 at 16384 tokens; below 8192 its few programs lose).
+      32 experts per lane there compile to fewer instructions per key (26.4 against
+      33.4 under Triton 3.9) but ran slower (H100, same run: 45.9 us against 38.3 at
+      65536 tokens).
     int64 keys: 8 experts per lane and eight rows per thread, EPLB map read per slot.
     """
     num_warps = 4
@@ -1153,6 +1159,17 @@ def default_config(
             large_launch=RouteKernelConfig(
                 min(256, 2 * large_tile), 2 * num_warps, programs_per_sm=1, lane_experts=16
             ),
+        )
+        # Decode sizes: one-warp programs, whose reductions and layout changes stay
+        # within the warp.
+        decode_lanes = max(1, min(32, row_width // 32))
+        config = RouteKernelConfig(
+            max(1, 32 // decode_lanes),
+            1,
+            lane_experts=32,
+            slot_atomics=True,
+            large_launch=config,
+            large_launch_from_tokens=17,
         )
     return config
 

@@ -62,9 +62,10 @@ def test_kernel_compiles_for_sm90(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_tokens", [5, 8192])
-def test_one_launch_runs_per_call_and_its_tile_loop_is_found(num_tokens):
-    # 8192 tokens take the EPLB large launch; the tile loop reads the logits and sorts.
+@pytest.mark.parametrize(("num_tokens", "num_warps"), [(5, 1), (100, 4), (8192, 8)])
+def test_one_launch_runs_per_call_and_its_tile_loop_is_found(num_tokens, num_warps):
+    # The EPLB launches: decode sizes, the middle ones, from 8192 tokens on. Each one's
+    # tile loop reads the logits and sorts.
     dtype, width, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
     logits = torch.zeros(num_tokens, width, dtype=dtype)
     launches = kernel_sass.capture_launches(
@@ -72,7 +73,7 @@ def test_one_launch_runs_per_call_and_its_tile_loop_is_found(num_tokens):
     )
     assert len(launches) == 1
     ((_, arguments),) = launches
-    assert (arguments["num_warps"] == 8) == (num_tokens >= 8192)
+    assert arguments["num_warps"] == num_warps
     sass, usage = kernel_sass.disassemble(kernel_sass.compile_sm90(arguments))
     loop = kernel_sass.tile_loop_opcodes(sass)
     total = sass.count(";")

@@ -70,6 +70,10 @@ def _cases():
         "softmax_E256_k8_eplb_token_hash": dict(
             num_experts=256, top_k=8, num_tokens=4, eplb=True, policy="token_hash"
         ),
+        # The default EPLB launches past the decode one (from 17 tokens on).
+        "softmax_E128_k8_eplb_middle_launch": dict(
+            num_experts=128, top_k=8, num_tokens=21, eplb=True, ties=True, unpadded=19
+        ),
         "softmax_E40_k5_noncontiguous": dict(
             num_experts=40, top_k=5, num_tokens=6, strided=True, indices="int16"
         ),
