@@ -58,9 +58,10 @@ layout of fewer experts and more rows per thread, whose independent loads keep
 more requests in flight; the choice is made in the kernel from the token count, so
 one compiled graph serves every batch size. Below it a program routes few
 slots and counts each with an atomic (``SLOT_ATOMICS``) instead of the histogram.
-A launch shape may also name a second launch (``large_launch``, other warps and
-tiles) for the largest batches: both launches are in the graph, and each grid is
-computed as empty outside its token counts, so one kernel runs per call.
+A launch shape may also name a next launch (``large_launch``, other warps and
+tiles) for larger batches, which may name its own: every launch is in the graph,
+and each grid is computed as empty outside its token counts, so one kernel runs
+per call. The default EPLB chain has three (decode sizes, middle, large).
 
 float32 rounding of scores is device math: eager on the CPU and on the GPU can
 already disagree on which distinct logits tie. Under the interpreter
