@@ -574,13 +574,23 @@ def run_sweep(device, bandwidth, report) -> list[dict]:
     """Kernel launch shapes (the knobs ``RouteKernelConfig`` exposes), EPLB on, E=256 k=8:
     each shape is checked against eager at four sizes, then timed over batch sizes."""
     default = _routing_kernels.default_config(256, True, True)
+    middle = default.large_launch  # the launches after the decode one
+
+    def with_middle(**changes):
+        return dataclasses.replace(default, large_launch=dataclasses.replace(middle, **changes))
+
+    def every_launch(config, **changes):
+        after = config.large_launch and every_launch(config.large_launch, **changes)
+        return dataclasses.replace(config, large_launch=after, **changes)
+
     shapes = {
         "default": default,
-        "default_map_read_per_slot": dataclasses.replace(default, table_entries=0),
-        "without_large_launch": dataclasses.replace(default, large_launch=None),
-        "large_launch_from_6144": dataclasses.replace(default, large_launch_from_tokens=6144),
-        "large_launch_2_per_sm": dataclasses.replace(
-            default, large_launch=dataclasses.replace(default.large_launch, programs_per_sm=2)
+        "default_map_read_per_slot": every_launch(default, table_entries=0),
+        "without_decode_launch": middle,
+        "without_large_launch": with_middle(large_launch=None),
+        "large_launch_from_6144": with_middle(large_launch_from_tokens=6144),
+        "large_launch_2_per_sm": with_middle(
+            large_launch=dataclasses.replace(middle.large_launch, programs_per_sm=2)
         ),
     }
     if device.type != "cuda":
