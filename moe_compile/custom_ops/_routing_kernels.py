@@ -1148,10 +1148,10 @@ def default_config(
     lanes = max(1, min(32, row_width // 32))
     config = RouteKernelConfig(min(256, 32 * num_warps // lanes), num_warps, lane_experts=32)
     if eplb and row_width >= 128:
-        lanes = max(1, min(32, row_width // 16))
-        large_tile = min(256, 8 * 32 * num_warps // lanes)
+        middle_lanes = max(1, min(32, row_width // 16))
+        large_tile = min(256, 8 * 32 * num_warps // middle_lanes)
         config = RouteKernelConfig(
-            min(256, 32 * num_warps // lanes),
+            min(256, 32 * num_warps // middle_lanes),
             num_warps,
             lane_experts=16,
             large_block_tokens=large_tile,
@@ -1161,11 +1161,10 @@ def default_config(
                 min(256, 2 * large_tile), 2 * num_warps, programs_per_sm=1, lane_experts=16
             ),
         )
-        # Decode sizes: one-warp programs, whose reductions and layout changes stay
-        # within the warp.
-        decode_lanes = max(1, min(32, row_width // 32))
+        # Decode sizes: one-warp programs of the 32-experts-per-lane layout, whose
+        # reductions and layout changes stay within the warp.
         config = RouteKernelConfig(
-            max(1, 32 // decode_lanes),
+            32 // lanes,
             1,
             lane_experts=32,
             slot_atomics=True,
