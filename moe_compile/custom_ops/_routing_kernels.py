@@ -555,46 +555,22 @@ def _load_lanes(
     GROUP_SIZE: tl.constexpr,
     WIDTH: tl.constexpr,
 ):
-    """Rows of experts in the lane layout: a tuple of ``WIDTH`` tensors ``[rows, LANES]``."""
-    tile = _load_tile(
-        ptr, row_offsets, is_row, stride_e, LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, WIDTH
-    )
-    return _split_lanes(tile, LANES, WIDTH)
+    """Rows of experts in the lane layout: a tuple of ``WIDTH`` tensors ``[rows, LANES]``.
 
-
-@triton.jit
-def _load_tile(
-    ptr,
-    row_offsets,
-    is_row,
-    stride_e,
-    LANES: tl.constexpr,
-    MEMBERS_PER_LANE: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    WIDTH: tl.constexpr,
-):
-    """Rows of experts as one ``[rows, WIDTH, LANES]`` tensor, for ``_split_lanes``.
-
-    One load of the whole tile: one memory operation instead of ``WIDTH`` keeps
-    Triton's coalescing analysis (quadratic in the kernel's memory operations) from
-    dominating compile time.
+    One load of the whole tile, split into the tuple: one memory operation instead
+    of ``WIDTH`` keeps Triton's coalescing analysis (quadratic in the kernel's
+    memory operations) from dominating compile time.
     """
     entry = tl.arange(0, WIDTH)[None, :, None]
     lane = tl.arange(0, LANES)[None, None, :]
     member = (entry % MEMBERS_PER_LANE) * LANES + lane
     group = entry // MEMBERS_PER_LANE
     valid = (group < NUM_GROUPS) & (member < GROUP_SIZE)
-    return tl.load(
+    tile = tl.load(
         ptr + row_offsets[:, :, None] + (group * GROUP_SIZE + member) * stride_e,
         mask=is_row[:, None, None] & valid,
         other=0.0,
     )
-
-
-@triton.jit
-def _split_lanes(tile, LANES: tl.constexpr, WIDTH: tl.constexpr):
-    """A loaded ``[rows, WIDTH, LANES]`` tile as a tuple of ``WIDTH`` tensors ``[rows, LANES]``."""
     ROWS: tl.constexpr = tile.shape[0]
     parts = (tl.permute(tile, (0, 2, 1)),)
     for _ in tl.static_range(10):
@@ -664,34 +640,6 @@ def _gather_slots(table, index):
     return tl.reshape(tl.gather(table, flat, 0), [index.shape[0], index.shape[1]])
 
 
-@triton.jit
-def _add_tile_load(load_ptr, stride_load, physical, counted, is_token):
-    """Add one tile's load with one atomic per physical expert it touches: the first
-    counted slot naming an expert adds how many counted slots name it. A tile of one
-    token adds per slot (its slots name distinct experts, unless the map is corrupt)."""
-    if tl.sum(is_token.to(tl.int32), axis=0) > 1:
-        SLOTS: tl.constexpr = physical.shape[0] * physical.shape[1]
-        ids = tl.reshape(tl.where(counted, physical, -1).to(tl.int32), [SLOTS])
-        same = ids[:, None] == ids[None, :]
-        position = tl.arange(0, SLOTS)
-        earlier = same & (position[None, :] < position[:, None])
-        first = tl.sum(earlier.to(tl.int32), axis=1) == 0
-        repeats = tl.sum(same.to(tl.int32), axis=1)
-        tl.atomic_add(
-            load_ptr + tl.maximum(ids, 0) * stride_load,
-            repeats.to(load_ptr.dtype.element_ty),
-            mask=first & (ids >= 0),
-            sem="relaxed",
-        )
-    else:
-        tl.atomic_add(
-            load_ptr + physical * stride_load,
-            tl.full(physical.shape, 1, load_ptr.dtype.element_ty),
-            mask=counted.to(tl.int32) != 0,
-            sem="relaxed",
-        )
-
-
 # ---------------------------------------------------------------- the kernel
 @triton.jit
 def _route_tiles(
@@ -750,8 +698,6 @@ def _route_tiles(
     SLOT_ATOMICS: tl.constexpr,
     TABLE_EXPERTS: tl.constexpr,
     TABLE_REPLICAS: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    DEDUP_SLOTS: tl.constexpr,
     load_counts,
     expert_counts,
 ):
@@ -814,33 +760,15 @@ def _route_tiles(
                 other=-1,
             )
 
-    if PREFETCH:
-        # The program's next tile is loaded while this one is routed: with one program
-        # per SM, a tile's loads would otherwise wait with nothing else to run.
-        first_token = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-        next_raw = _load_tile(
-            logits_ptr, first_token.to(tl.int64)[:, None] * stride_logits_t,
-            first_token < num_tokens, stride_logits_e,
-            LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
-        )  # fmt: skip
     for tile in range(pid, num_tiles, num_programs):
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         is_token = token < num_tokens
         token2 = token.to(tl.int64)[:, None]
         out_mask = is_token[:, None] & is_slot
-        if PREFETCH:
-            x_raw = _split_lanes(next_raw, LANES, SORT_WIDTH)
-            next_token = token + num_programs * BLOCK_T
-            next_raw = _load_tile(
-                logits_ptr, next_token.to(tl.int64)[:, None] * stride_logits_t,
-                next_token < num_tokens, stride_logits_e,
-                LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
-            )  # fmt: skip
-        else:
-            x_raw = _load_lanes(
-                logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
-                LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
-            )  # fmt: skip
+        x_raw = _load_lanes(
+            logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
+            LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
+        )  # fmt: skip
 
         # ---- selection
         if PACKED_TOP_K:
@@ -962,9 +890,7 @@ def _route_tiles(
             counted = out_mask & record_on & (physical >= 0) & (physical < num_physical)
             if HAS_UNPADDED:
                 counted = counted & (flat_slot < counted_slots)
-            if SLOT_ATOMICS and DEDUP_SLOTS:
-                _add_tile_load(load_ptr, stride_load, physical, counted, is_token)
-            elif SLOT_ATOMICS:
+            if SLOT_ATOMICS:
                 # Few slots per program (small batches): an atomic each is cheaper
                 # than the histogram and its flush.
                 tl.atomic_add(
@@ -1079,8 +1005,6 @@ def _route_kernel(
     SLOT_ATOMICS: tl.constexpr,
     TABLE_EXPERTS: tl.constexpr,
     TABLE_REPLICAS: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    DEDUP_SLOTS: tl.constexpr,
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
@@ -1098,7 +1022,7 @@ def _route_kernel(
                 OUT_WIDTH, LARGE_HEADS, LARGE_SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING,
                 HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS,
                 LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K,
-                PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, PREFETCH, DEDUP_SLOTS, load_counts, expert_counts
+                PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, load_counts, expert_counts
             )  # fmt: skip
         else:
             load_counts, expert_counts = _route_tiles(
@@ -1111,7 +1035,7 @@ def _route_kernel(
                 HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE,
                 HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T,
                 REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
-                TABLE_EXPERTS, TABLE_REPLICAS, PREFETCH, DEDUP_SLOTS, load_counts, expert_counts
+                TABLE_EXPERTS, TABLE_REPLICAS, load_counts, expert_counts
             )  # fmt: skip
     else:
         load_counts, expert_counts = _route_tiles(
@@ -1123,8 +1047,8 @@ def _route_kernel(
             MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED,
             N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
             LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
-            PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS, PREFETCH,
-            DEDUP_SLOTS, load_counts, expert_counts
+            PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS, load_counts,
+            expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB and not (SLOT_ATOMICS and LARGE_BLOCK_T == 0):
@@ -1173,9 +1097,6 @@ class RouteKernelConfig:
     table_entries: int = 1024
     """EPLB: each program gathers the replica counts and the map from its own copy when
     the map (padded to powers of two) has at most this many entries (0: never)."""
-    prefetch_next_tile: bool = False
-    dedup_slots: bool = False
-    """Each program loads its next tile into registers while it routes the current one."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -1436,8 +1357,6 @@ def launch_route_kernel(
             PACKED_TOP_K=packed_top_k and config.packed_top_k,
             large_from_tokens=config.large_from_tokens,
             SLOT_ATOMICS=config.slot_atomics,
-            PREFETCH=config.prefetch_next_tile,
-            DEDUP_SLOTS=config.dedup_slots,
             # otherwise two dependent global reads per slot
             TABLE_REPLICAS=table_replicas
             if table_experts * table_replicas <= config.table_entries

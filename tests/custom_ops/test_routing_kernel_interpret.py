@@ -251,23 +251,6 @@ def _cases():
             num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True, ties=True,
             large_launch_from_tokens=threshold, slot_atomics=True, unpadded=29, count_bins=40,
         )  # fmt: skip
-    # Programs routing several tiles each (10 tiles, 4 programs), loading the next
-    # tile while routing the current one; the last prefetch reads past the tokens.
-    cases["prefetch_next_tile_counts_padded"] = dict(
-        num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True, ties=True,
-        prefetch=True, unpadded=29, count_bins=40,
-    )  # fmt: skip
-    cases["prefetch_next_tile_packed_redo_zero_experts"] = dict(
-        num_experts=28, zero=4, top_k=4, num_tokens=21, special="collide", eplb=True,
-        small_tiles=True, prefetch=True,
-    )  # fmt: skip
-    # Slots counted with one atomic per touched expert per tile: ties (shared experts
-    # across tokens), padding, a corrupt map, and a one-token tile (37 = 9 * 4 + 1).
-    for load_dtype in ("int32", "float32"):
-        cases[f"dedup_slots_{load_dtype}_corrupt_map_padded"] = dict(
-            num_experts=20, top_k=3, num_tokens=37, eplb=True, small_tiles=True, corrupt=True,
-            slot_atomics=True, dedup=True, unpadded=29, ties=True, load_dtype=load_dtype,
-        )  # fmt: skip
     # The lanes' merge (persistent launches, packed keys) for each list width, over 16
     # lanes of 4 keys (lists padded beyond 4), and the rounds beyond 16 keys. Random
     # logits, so that the merge rather than the exact redo decides most rows.
@@ -313,8 +296,6 @@ def _run_case(
     slot_atomics=False,
     table_entries=None,
     large_launch_from_tokens=None,
-    prefetch=False,
-    dedup=False,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -385,7 +366,7 @@ def _run_case(
 
     if small_tiles:
         # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
-        shape = dict(slot_atomics=slot_atomics, prefetch_next_tile=prefetch, dedup_slots=dedup)
+        shape = dict(slot_atomics=slot_atomics)
         if large_from_tokens is not None:
             shape |= dict(
                 large_block_tokens=8,
