@@ -251,6 +251,17 @@ def _cases():
             num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True, ties=True,
             large_launch_from_tokens=threshold, slot_atomics=True, unpadded=29, count_bins=40,
         )  # fmt: skip
+    # The load counted in per-program counters in a workspace (programs of several
+    # tiles: 10 tiles, 4 programs), out-of-range map entries never counted.
+    for load_dtype in ("int32", "int64", "float32"):
+        cases[f"workspace_counts_{load_dtype}_corrupt_map_padded"] = dict(
+            num_experts=20, top_k=3, num_tokens=37, eplb=True, small_tiles=True, corrupt=True,
+            workspace=True, unpadded=29, ties=True, load_dtype=load_dtype,
+        )  # fmt: skip
+    cases["workspace_counts_counts_shared_record_off"] = dict(
+        num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
+        count_bins=40, workspace=True, record=False,
+    )  # fmt: skip
     # The lanes' merge (persistent launches, packed keys) for each list width, over 16
     # lanes of 4 keys (lists padded beyond 4), and the rounds beyond 16 keys. Random
     # logits, so that the merge rather than the exact redo decides most rows.
@@ -296,6 +307,7 @@ def _run_case(
     slot_atomics=False,
     table_entries=None,
     large_launch_from_tokens=None,
+    workspace=False,
 ):
     import torch
     from moe_reference import grid_logits, random_replica_layout
@@ -366,7 +378,7 @@ def _run_case(
 
     if small_tiles:
         # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
-        shape = dict(slot_atomics=slot_atomics)
+        shape = dict(slot_atomics=slot_atomics, workspace_counts=workspace)
         if large_from_tokens is not None:
             shape |= dict(
                 large_block_tokens=8,
