@@ -762,6 +762,15 @@ def _route_tiles(
                 other=-1,
             )
 
+    if WORKSPACE_COUNTS and HAS_EPLB:
+        # Only programs of several tiles count in the workspace: zeroing the counters
+        # and reading them back cost more than one tile's histogram.
+        use_workspace = num_tiles > num_programs
+        own_counters = workspace_ptr + pid * LOAD_BINS
+        if use_workspace:
+            tl.store(own_counters + tl.arange(0, LOAD_BINS), tl.zeros_like(load_counts))
+            tl.debug_barrier()  # zeroed before any thread of the program adds to them
+
     for tile in range(pid, num_tiles, num_programs):
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         is_token = token < num_tokens
@@ -901,12 +910,12 @@ def _route_tiles(
                     mask=counted.to(tl.int32) != 0,  # (the interpreter rejects a broadcast mask)
                     sem="relaxed",
                 )
-            elif WORKSPACE_COUNTS:
+            elif WORKSPACE_COUNTS and use_workspace:
                 # The program's own counters in global memory: an atomic per slot that
                 # waits for nothing and contends with no other program, instead of the
                 # histogram's ballots (19% of the large launch's stall samples, H200).
                 tl.atomic_add(
-                    workspace_ptr + pid * LOAD_BINS + physical,
+                    own_counters + physical,
                     tl.full(physical.shape, 1, tl.int32),
                     mask=counted.to(tl.int32) != 0,
                     sem="relaxed",
@@ -950,6 +959,10 @@ def _route_tiles(
             )
             if COUNT_BINS > 0:
                 expert_counts += _bin_counts(shared_ids, shared_mask, num_count_bins, COUNT_BINS)
+    if WORKSPACE_COUNTS and HAS_EPLB:
+        if use_workspace:
+            tl.debug_barrier()  # every thread's additions are done
+            load_counts += tl.load(own_counters + tl.arange(0, LOAD_BINS), volatile=True)
     return load_counts, expert_counts
 
 
@@ -1022,10 +1035,6 @@ def _route_kernel(
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
-    own_counters = workspace_ptr + tl.program_id(0) * LOAD_BINS + tl.arange(0, LOAD_BINS)
-    if WORKSPACE_COUNTS:
-        tl.store(own_counters, load_counts)
-        tl.debug_barrier()  # zeroed before any thread of the program adds to them
     if LARGE_BLOCK_T > 0:
         # Large batches take the large-tile layout (more rows per thread, so more
         # loads in flight per warp); decode-sized ones keep the small-tile one.
@@ -1070,9 +1079,6 @@ def _route_kernel(
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB and not (SLOT_ATOMICS and LARGE_BLOCK_T == 0):
-        if WORKSPACE_COUNTS:
-            tl.debug_barrier()  # every thread's additions are done
-            load_counts = tl.load(own_counters, volatile=True)
         bin_ids = tl.arange(0, LOAD_BINS)
         tl.atomic_add(
             load_ptr + bin_ids * stride_load,
@@ -1118,9 +1124,10 @@ class RouteKernelConfig:
     table_entries: int = 1024
     """EPLB: each program gathers the replica counts and the map from its own copy when
     the map (padded to powers of two) has at most this many entries (0: never)."""
-    workspace_counts: bool = False
-    """EPLB: count the load in per-program counters in a global workspace rather than a
-    per-program histogram in registers (both flushed with an atomic per touched expert)."""
+    workspace_from_bins: int = 0
+    """EPLB, with a load histogram of at least this many bins (0: never): programs of
+    several tiles count the load in their own counters in a global workspace rather than
+    in a histogram in registers (either is flushed with one atomic per touched expert)."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -1186,7 +1193,7 @@ def default_config(
                 2 * num_warps,
                 programs_per_sm=1,
                 lane_experts=16,
-                workspace_counts=True,
+                workspace_from_bins=512,
             ),
         )
         # Decode sizes: one-warp programs of the 32-experts-per-lane layout, whose
@@ -1381,7 +1388,7 @@ def launch_route_kernel(
         if persistent:
             cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
             num_tiles = torch.sym_min(num_tiles, cap)
-            if eplb is not None and config.workspace_counts:
+            if eplb is not None and 0 < config.workspace_from_bins <= load_bins:
                 workspace["workspace_ptr"] = router_logits.new_empty(
                     cap * load_bins, dtype=torch.int32
                 )

@@ -252,12 +252,16 @@ def _cases():
             large_launch_from_tokens=threshold, slot_atomics=True, unpadded=29, count_bins=40,
         )  # fmt: skip
     # The load counted in per-program counters in a workspace (programs of several
-    # tiles: 10 tiles, 4 programs), out-of-range map entries never counted.
+    # tiles: 10 tiles, 4 programs), out-of-range map entries never counted; with one
+    # tile per program (3 tiles), the histogram in registers.
     for load_dtype in ("int32", "int64", "float32"):
         cases[f"workspace_counts_{load_dtype}_corrupt_map_padded"] = dict(
             num_experts=20, top_k=3, num_tokens=37, eplb=True, small_tiles=True, corrupt=True,
             workspace=True, unpadded=29, ties=True, load_dtype=load_dtype,
         )  # fmt: skip
+    cases["workspace_counts_one_tile_per_program"] = dict(
+        num_experts=20, top_k=3, num_tokens=9, eplb=True, small_tiles=True, workspace=True
+    )
     cases["workspace_counts_counts_shared_record_off"] = dict(
         num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
         count_bins=40, workspace=True, record=False,
@@ -378,7 +382,7 @@ def _run_case(
 
     if small_tiles:
         # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
-        shape = dict(slot_atomics=slot_atomics, workspace_counts=workspace)
+        shape = dict(slot_atomics=slot_atomics, workspace_from_bins=32 if workspace else 0)
         if large_from_tokens is not None:
             shape |= dict(
                 large_block_tokens=8,
