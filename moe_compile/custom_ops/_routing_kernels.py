@@ -1043,25 +1043,26 @@ def _route_kernel(
                 logits_ptr, stride_logits_t, stride_logits_e, bias_ptr, stride_bias, weights_ptr,
                 ids_ptr, l2p_ptr, stride_l2p_e, stride_l2p_s, replica_count_ptr,
                 stride_replica_count, load_ptr, stride_load, record_ptr, unpadded_ptr, counts_ptr,
-                offsets_ptr, zero_weight_ptr, workspace_ptr, num_tokens, num_physical, num_count_bins,
-                max_replicas, routed_scaling_factor, E_ROUTED, NUM_REAL_EXPERTS, NUM_GROUPS,
-                GROUP_SIZE, LARGE_LANES, LARGE_MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD,
-                OUT_WIDTH, LARGE_HEADS, LARGE_SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING,
-                HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS,
-                LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K,
-                PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS, load_counts, expert_counts
+                offsets_ptr, zero_weight_ptr, workspace_ptr, num_tokens, num_physical,
+                num_count_bins, max_replicas, routed_scaling_factor, E_ROUTED, NUM_REAL_EXPERTS,
+                NUM_GROUPS, GROUP_SIZE, LARGE_LANES, LARGE_MEMBERS_PER_LANE, TOPK_GROUP, TOP_K,
+                TOP_K_PAD, OUT_WIDTH, LARGE_HEADS, LARGE_SORT_WIDTH, N_SHARED, N_SHARED_PAD,
+                SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS,
+                COUNT_BINS, LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
+                PACKED_TOP_K, PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS,
+                load_counts, expert_counts
             )  # fmt: skip
         else:
             load_counts, expert_counts = _route_tiles(
                 logits_ptr, stride_logits_t, stride_logits_e, bias_ptr, stride_bias, weights_ptr,
                 ids_ptr, l2p_ptr, stride_l2p_e, stride_l2p_s, replica_count_ptr,
                 stride_replica_count, load_ptr, stride_load, record_ptr, unpadded_ptr, counts_ptr,
-                offsets_ptr, zero_weight_ptr, workspace_ptr, num_tokens, num_physical, num_count_bins,
-                max_replicas, routed_scaling_factor, E_ROUTED, NUM_REAL_EXPERTS, NUM_GROUPS,
-                GROUP_SIZE, LANES, MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH,
-                HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE,
-                HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T,
-                REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
+                offsets_ptr, zero_weight_ptr, workspace_ptr, num_tokens, num_physical,
+                num_count_bins, max_replicas, routed_scaling_factor, E_ROUTED, NUM_REAL_EXPERTS,
+                NUM_GROUPS, GROUP_SIZE, LANES, MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD,
+                OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS,
+                RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T,
+                REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
                 TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS, load_counts, expert_counts
             )  # fmt: skip
     else:
@@ -1074,8 +1075,8 @@ def _route_kernel(
             MEMBERS_PER_LANE, TOPK_GROUP, TOP_K, TOP_K_PAD, OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED,
             N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
             LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
-            PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS,
-            load_counts, expert_counts
+            PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS,
+            WORKSPACE_COUNTS, load_counts, expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB and not (SLOT_ATOMICS and LARGE_BLOCK_T == 0):
@@ -1165,7 +1166,10 @@ def default_config(
       11.8 us instead of 15.4 at 16384 tokens; below 8192 its few programs lose).
       32 experts per lane there compile to fewer instructions per key (26.4 against
       33.4 under Triton 3.9) but ran slower (H100, same run: 45.9 us against 38.3 at
-      65536 tokens).
+      65536 tokens). Programs of several tiles (from about 34000 tokens) count in
+      workspace counters when the load histogram has 512 bins or more (H100, same run:
+      36.2 us against 39.0 at 65536 tokens for E=256; E=128's 256 bins lost, 22.6
+      against 20.4; programs of one tile lost, 13.7 against 13.5 at 16384).
     int64 keys: 8 experts per lane and eight rows per thread, EPLB map read per slot.
     """
     num_warps = 4
