@@ -1166,7 +1166,7 @@ def default_config(
       11.8 us instead of 15.4 at 16384 tokens; below 8192 its few programs lose).
       32 experts per lane there compile to fewer instructions per key (26.4 against
       33.4 under Triton 3.9) but ran slower (H100, same run: 45.9 us against 38.3 at
-      65536 tokens). Programs of several tiles (from about 34000 tokens) count in
+      65536 tokens). Programs of several tiles (above 16896 tokens on 132 SMs) count in
       workspace counters when the load histogram has 512 bins or more (H100, same run:
       36.2 us against 39.0 at 65536 tokens for E=256; E=128's 256 bins lost, 22.6
       against 20.4; programs of one tile lost, 13.7 against 13.5 at 16384).
