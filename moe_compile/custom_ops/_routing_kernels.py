@@ -1388,15 +1388,18 @@ def launch_route_kernel(
         else:  # LARGE_BLOCK_T = 0 compiles the second layout out
             layouts |= {f"LARGE_{name}": 0 for name in layouts}
         num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
-        workspace = {}
         if persistent:
             cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
             num_tiles = torch.sym_min(num_tiles, cap)
-            if eplb is not None and 0 < config.workspace_from_bins <= load_bins:
-                workspace["workspace_ptr"] = router_logits.new_empty(
-                    cap * load_bins, dtype=torch.int32
-                )
-        kernel[(torch.sym_max(num_tiles, 1) * runs,)](
+        grid = torch.sym_max(num_tiles, 1) * runs
+        if isinstance(grid, int) and grid == 0:
+            # A known token count (eager, or a graph specialized on it) that another
+            # launch serves: neither compile nor launch this one.
+            return
+        workspace = {}
+        if persistent and eplb is not None and 0 < config.workspace_from_bins <= load_bins:
+            workspace["workspace_ptr"] = router_logits.new_empty(cap * load_bins, dtype=torch.int32)
+        kernel[(grid,)](
             **(arguments | workspace),
             **layouts,
             PACKED_TOP_K=packed_top_k and config.packed_top_k,
