@@ -55,8 +55,11 @@ _POINTER_TYPES = {
 }
 
 
-def capture_launches(logits, bias, top_k, *, eplb_policy=None, config=None, **options):
-    """``[(grid, kwargs)]`` of every kernel launch ``launch_route_kernel`` makes (none runs).
+def capture_launches(
+    logits, bias, top_k, *, eplb_policy=None, config=None, keep_empty=False, **options
+):
+    """``[(grid, kwargs)]`` of every kernel launch ``launch_route_kernel`` makes (none runs)
+    whose grid is not empty, or, with ``keep_empty``, of every launch.
 
     With ``eplb_policy`` the EPLB state has ``num_routed + 8`` physical experts, two
     replica slots per expert."""
@@ -94,7 +97,7 @@ def capture_launches(logits, bias, top_k, *, eplb_policy=None, config=None, **op
         )
     finally:
         _routing_kernels._route_kernel, torch.library.wrap_triton = saved
-    return [(grid, kwargs) for grid, kwargs in launches if int(grid[0]) > 0]
+    return [(grid, kwargs) for grid, kwargs in launches if keep_empty or int(grid[0]) > 0]
 
 
 def compile_sm90(arguments: dict):

@@ -84,3 +84,15 @@ def test_one_launch_runs_per_call_and_its_tile_loop_is_found(num_tokens, num_war
         # their workspace counters, with atomics whose result nothing waits for (the
         # launch has no per-slot atomics otherwise).
         assert loop["REDG"] > 0
+
+
+@pytest.mark.parametrize("num_tokens", [5, 100, 8192])
+def test_launches_of_a_known_empty_grid_are_not_made(num_tokens):
+    # Eager calls know the token count: of the three EPLB launches only the one that
+    # routes it is compiled and made.
+    dtype, width, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
+    logits = torch.zeros(num_tokens, width, dtype=dtype)
+    launches = kernel_sass.capture_launches(
+        logits, None, top_k, eplb_policy=policy, keep_empty=True, **(COMMON | options)
+    )
+    assert [int(grid[0]) > 0 for grid, _ in launches] == [True]
