@@ -50,14 +50,15 @@ replica counts and the map once (``TABLE_REPLICAS``) and gathers each slot's
 entries from that copy on chip, instead of two dependent global reads per slot.
 The load is counted into a per-program histogram over the physical experts; each
 program adds it with one atomic per touched expert after its last tile (with EPLB
-the grid is a few programs per SM).
+the grid is a few programs per SM). Programs of one token count each slot with an
+atomic (``SLOT_ATOMICS``): a token's experts are distinct, and so are their
+replicas, so that too is one atomic per touched expert.
 
 Two layouts (``LARGE_*``). The persistent grid (EPLB or counts) leaves few
 warps per SM, so from ``large_from_tokens`` on, the kernel routes with a second
 layout of fewer experts and more rows per thread, whose independent loads keep
 more requests in flight; the choice is made in the kernel from the token count, so
-one compiled graph serves every batch size. Below it a program routes few
-slots and counts each with an atomic (``SLOT_ATOMICS``) instead of the histogram.
+one compiled graph serves every batch size.
 A launch shape may also name a next launch (``large_launch``, other warps and
 tiles) for larger batches, which may name its own: every launch is in the graph,
 and each grid is computed as empty outside its token counts, so one kernel runs
@@ -902,8 +903,9 @@ def _route_tiles(
             if HAS_UNPADDED:
                 counted = counted & (flat_slot < counted_slots)
             if SLOT_ATOMICS:
-                # Few slots per program (small batches): an atomic each is cheaper
-                # than the histogram and its flush.
+                # One token per program (decode sizes): its slots name distinct
+                # experts, so an atomic each is the histogram's flush without the
+                # histogram.
                 tl.atomic_add(
                     load_ptr + physical * stride_load,
                     tl.full(physical.shape, 1, load_ptr.dtype.element_ty),
@@ -1120,8 +1122,10 @@ class RouteKernelConfig:
     runs, and the choice is arithmetic on the token count (no guard, one graph)."""
     large_launch_from_tokens: int = 8192
     slot_atomics: bool = False
-    """The first (or only) layout counts the load with an atomic per slot instead of
-    a per-program histogram."""
+    """Count the load with an atomic per slot rather than a histogram, where each
+    program routes one token, whose slots name distinct experts: one-token tiles, one
+    layout, no zero experts (their slots all become expert 0), and a next launch from
+    at most as many tokens as this one has programs. Elsewhere the histogram counts."""
     table_entries: int = 1024
     """EPLB: each program gathers the replica counts and the map from its own copy when
     the map (padded to powers of two) has at most this many entries (0: never)."""
@@ -1191,7 +1195,6 @@ def default_config(
             lane_experts=16,
             large_block_tokens=large_tile,
             large_lane_experts=16,
-            slot_atomics=True,
             large_launch=RouteKernelConfig(
                 min(256, 2 * large_tile),
                 2 * num_warps,
@@ -1200,10 +1203,10 @@ def default_config(
                 workspace_from_bins=512,
             ),
         )
-        # Decode sizes: one-warp programs of the 32-experts-per-lane layout, whose
-        # reductions and layout changes stay within the warp.
+        # Decode sizes: one-token, one-warp programs of the 32-experts-per-lane
+        # layout, whose reductions and layout changes stay within the warp.
         config = RouteKernelConfig(
-            32 // lanes,
+            1,
             1,
             lane_experts=32,
             slot_atomics=True,
@@ -1388,9 +1391,18 @@ def launch_route_kernel(
         else:  # LARGE_BLOCK_T = 0 compiles the second layout out
             layouts |= {f"LARGE_{name}": 0 for name in layouts}
         num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
+        cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
         if persistent:
-            cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
             num_tiles = torch.sym_min(num_tiles, cap)
+        # (the conditions under which each program routes exactly one token)
+        slot_atomics = (
+            config.slot_atomics
+            and config.block_tokens == 1
+            and not config.large_block_tokens
+            and num_real_experts == num_routed
+            and config.large_launch is not None
+            and config.large_launch_from_tokens - 1 <= cap
+        )
         grid = torch.sym_max(num_tiles, 1) * runs
         if isinstance(grid, int) and grid == 0:
             # A known token count (eager, or a graph specialized on it) that another
@@ -1404,7 +1416,7 @@ def launch_route_kernel(
             **layouts,
             PACKED_TOP_K=packed_top_k and config.packed_top_k,
             large_from_tokens=config.large_from_tokens,
-            SLOT_ATOMICS=config.slot_atomics,
+            SLOT_ATOMICS=slot_atomics,
             WORKSPACE_COUNTS=bool(workspace),
             # otherwise two dependent global reads per slot
             TABLE_REPLICAS=table_replicas

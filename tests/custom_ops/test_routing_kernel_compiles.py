@@ -19,6 +19,10 @@ triton = pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import kernel_sass  # noqa: E402  (the same capture and compile as the SASS tool)
 
+from moe_compile.custom_ops import _routing_kernels  # noqa: E402
+
+H100_MULTIPROCESSORS = 132
+
 COMMON = dict(routed_scaling_factor=1.0, num_fused_shared_experts=0)
 CASES = {
     "packed_softmax_E256_k8_eplb_token_hash": (
@@ -63,9 +67,10 @@ def test_kernel_compiles_for_sm90(case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("num_tokens", "num_warps"), [(5, 1), (100, 4), (8192, 8)])
-def test_one_launch_runs_per_call_and_its_tile_loop_is_found(num_tokens, num_warps):
-    # The EPLB launches: decode sizes, the middle ones, from 8192 tokens on. Each one's
-    # tile loop reads the logits and sorts.
+def test_one_launch_runs_per_call_and_its_tile_loop_is_found(monkeypatch, num_tokens, num_warps):
+    # The EPLB launches, shaped for an H100: decode sizes (atomics per slot), the middle
+    # ones, from 8192 tokens on. Each one's tile loop reads the logits and sorts.
+    monkeypatch.setattr(_routing_kernels, "_multiprocessor_count", lambda _: H100_MULTIPROCESSORS)
     dtype, width, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
     logits = torch.zeros(num_tokens, width, dtype=dtype)
     launches = kernel_sass.capture_launches(
@@ -79,6 +84,7 @@ def test_one_launch_runs_per_call_and_its_tile_loop_is_found(num_tokens, num_war
     total = sass.count(";")
     assert loop["LDG"] > 0 and loop["VIMNMX"] > 0 and sum(loop.values()) < total
     assert "REG:" in usage
+    assert arguments["SLOT_ATOMICS"] is (num_tokens < 17)
     if num_tokens >= 8192:
         # 264 physical experts, a 512-bin histogram: programs of several tiles count in
         # their workspace counters, with atomics whose result nothing waits for (the
@@ -96,3 +102,35 @@ def test_launches_of_a_known_empty_grid_are_not_made(num_tokens):
         logits, None, top_k, eplb_policy=policy, keep_empty=True, **(COMMON | options)
     )
     assert [int(grid[0]) > 0 for grid, _ in launches] == [True]
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "multiprocessors", "zero_experts", "per_slot"),
+    [
+        (1, H100_MULTIPROCESSORS, False, True),
+        (16, H100_MULTIPROCESSORS, False, True),
+        (16, H100_MULTIPROCESSORS, True, False),  # a zero expert's slots all become expert 0
+        (16, 4, False, False),  # 8 programs: some would route two tokens
+        (8, 4, False, False),  # the launch could get 16 tokens on 8 programs
+        (17, H100_MULTIPROCESSORS, False, False),
+        (1000, H100_MULTIPROCESSORS, False, False),
+        (20000, H100_MULTIPROCESSORS, False, False),
+    ],
+)
+def test_the_load_is_counted_per_slot_only_by_one_token_programs(
+    monkeypatch, num_tokens, multiprocessors, zero_experts, per_slot
+):
+    # One atomic per touched expert per program: per slot only where a program's slots
+    # are one token's, whose experts (and so replicas) are distinct.
+    monkeypatch.setattr(_routing_kernels, "_multiprocessor_count", lambda _: multiprocessors)
+    dtype, width, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
+    logits = torch.zeros(num_tokens, width, dtype=dtype)
+    if zero_experts:
+        options = options | dict(zero_experts=(width - 4, torch.empty(num_tokens, 1)))
+    launches = kernel_sass.capture_launches(
+        logits, None, top_k, eplb_policy=policy, **(COMMON | options)
+    )
+    ((grid, arguments),) = launches
+    assert arguments["SLOT_ATOMICS"] is per_slot
+    if per_slot:
+        assert arguments["BLOCK_T"] == 1 and int(grid[0]) == num_tokens

@@ -9,6 +9,8 @@ mapping): ids and loads exactly, weights to 1e-6 relative.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -150,19 +152,28 @@ def _cases():
             num_experts=32, top_k=4, num_tokens=37, eplb=True, policy="modulo",
             small_tiles=True, large_from_tokens=threshold, ties=True,
         )  # fmt: skip
-    # Below the large layout's threshold, a load atomic per slot instead of a histogram.
+    # Decode sizes: one-token programs, each slot counted with its own atomic (the
+    # launch before the small-tile one, up to 4 tokens); from 5 tokens the next launch.
     for load_dtype in ("int32", "int64", "float32"):
-        cases[f"two_layouts_slot_atomics_{load_dtype}_padded"] = dict(
-            num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True,
-            large_from_tokens=40, slot_atomics=True, load_dtype=load_dtype, unpadded=29,
+        cases[f"one_token_programs_{load_dtype}_padded"] = dict(
+            num_experts=32, top_k=4, num_tokens=4, eplb=True, one_token_programs=True,
+            load_dtype=load_dtype, unpadded=3, ties=True,
         )  # fmt: skip
-    cases["two_layouts_slot_atomics_corrupt_map_record_off"] = dict(
-        num_experts=20, top_k=3, num_tokens=31, eplb=True, small_tiles=True, corrupt=True,
-        large_from_tokens=40, slot_atomics=True, record=False,
-    )  # fmt: skip
-    cases["two_layouts_slot_atomics_corrupt_map"] = dict(
-        num_experts=20, top_k=3, num_tokens=31, eplb=True, small_tiles=True, corrupt=True,
-        large_from_tokens=40, slot_atomics=True,
+    for policy in ("token_hash", "modulo"):
+        cases[f"one_token_programs_{policy}_corrupt_map"] = dict(
+            num_experts=20, top_k=3, num_tokens=4, eplb=True, policy=policy,
+            one_token_programs=True, corrupt=True,
+        )  # fmt: skip
+    cases["one_token_programs_record_off"] = dict(
+        num_experts=20, top_k=3, num_tokens=3, eplb=True, one_token_programs=True, record=False
+    )
+    cases["one_token_programs_next_launch"] = dict(
+        num_experts=20, top_k=3, num_tokens=9, eplb=True, one_token_programs=True, ties=True
+    )
+    # A zero expert's slots all become expert 0: one-token programs count in the histogram.
+    cases["one_token_programs_zero_experts"] = dict(
+        num_experts=20, zero=4, top_k=3, num_tokens=4, bias=True, eplb=True,
+        one_token_programs=True,
     )  # fmt: skip
     cases["two_layouts_counts_shared"] = dict(
         num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
@@ -235,12 +246,12 @@ def _cases():
             num_experts=20, top_k=3, num_tokens=31, eplb=True, policy=policy, corrupt=True,
             small_tiles=True, table_entries=0,
         )  # fmt: skip
-    cases["two_layouts_slot_atomics_map_read_per_slot"] = dict(
-        num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True,
-        large_from_tokens=40, slot_atomics=True, unpadded=29, table_entries=0,
+    cases["one_token_programs_map_read_per_slot"] = dict(
+        num_experts=32, top_k=4, num_tokens=4, eplb=True, one_token_programs=True,
+        unpadded=2, table_entries=0,
     )  # fmt: skip
-    # One layout counting with an atomic per slot (no histogram flush at all).
-    cases["slot_atomics_one_layout_corrupt_map_padded"] = dict(
+    # Per-slot atomics asked of programs of several tokens: the histogram counts.
+    cases["slot_atomics_refused_for_four_token_tiles"] = dict(
         num_experts=20, top_k=3, num_tokens=31, eplb=True, small_tiles=True, corrupt=True,
         slot_atomics=True, unpadded=23, ties=True,
     )  # fmt: skip
@@ -249,7 +260,7 @@ def _cases():
     for threshold in (30, 40):
         cases[f"large_launch_from{threshold}_counts_padded"] = dict(
             num_experts=32, top_k=4, num_tokens=37, eplb=True, small_tiles=True, ties=True,
-            large_launch_from_tokens=threshold, slot_atomics=True, unpadded=29, count_bins=40,
+            large_launch_from_tokens=threshold, unpadded=29, count_bins=40,
         )  # fmt: skip
     # The load counted in per-program counters in a workspace (programs of several
     # tiles: 10 tiles, 4 programs), out-of-range map entries never counted; with one
@@ -312,9 +323,12 @@ def _run_case(
     table_entries=None,
     large_launch_from_tokens=None,
     workspace=False,
+    one_token_programs=False,
 ):
+    import numpy as np
     import torch
     from moe_reference import grid_logits, random_replica_layout
+    from triton.runtime import interpreter
 
     from moe_compile.custom_ops import _routing_kernels, routing
     from moe_compile.eplb import EplbLayerState
@@ -404,6 +418,19 @@ def _run_case(
                 block_tokens=4, num_warps=1, programs_per_sm=1, **shape
             )
         )
+    if one_token_programs:
+        # Up to 4 tokens (the interpreter's grid cap: 4 programs), then 4-token tiles.
+        next_launch = _routing_kernels.RouteKernelConfig(
+            block_tokens=4, num_warps=1, programs_per_sm=1
+        )
+        table = {} if table_entries is None else dict(table_entries=table_entries)
+        _routing_kernels.set_config_override(
+            _routing_kernels.RouteKernelConfig(
+                block_tokens=1, num_warps=1, programs_per_sm=1, slot_atomics=True,
+                large_launch=dataclasses.replace(next_launch, **table),
+                large_launch_from_tokens=5, **table,
+            )
+        )  # fmt: skip
     if lane_experts is not None:
         _routing_kernels.set_config_override(
             _routing_kernels.RouteKernelConfig(
@@ -418,6 +445,17 @@ def _run_case(
         return real_launch(*a, **kw)
 
     _routing_kernels.launch_route_kernel = counting_launch
+    # Every program's atomics, (program, address), to check that none adds to one
+    # expert's load twice (one atomic per touched expert per program).
+    atomics = []
+    real_atomic = interpreter.InterpreterBuilder.create_atomic_rmw
+
+    def recording_atomic(builder, op, ptr, value, mask, *rest):
+        active = np.broadcast_to(mask.data, ptr.data.shape)
+        atomics.extend((builder.grid_idx[0], int(a)) for a in ptr.data[active].ravel())
+        return real_atomic(builder, op, ptr, value, mask, *rest)
+
+    interpreter.InterpreterBuilder.create_atomic_rmw = recording_atomic
     zero_weight = ref_zero_weight = None
     if zero:
         # route_zero_experts: the route arguments without the shared-expert count.
@@ -476,6 +514,11 @@ def _run_case(
                 rows = num_tokens if unpadded is None else min(unpadded, num_tokens)
                 expected_total = int(in_range[:rows].sum())
             assert float(load.sum()) == expected_total
+            start = load.data_ptr()
+            end = start + load.numel() * load.element_size()
+            adds = collections.Counter(a for a in atomics if start <= a[1] < end)
+            assert max(adds.values(), default=1) == 1, f"a program added twice: {adds}"
+            assert bool(adds) == (expected_total > 0), "no atomic into the load"
             if corrupt:
                 assert (
                     bool((ref_ids < 0).any() or (ref_ids >= load.numel()).any()) or num_tokens == 0
@@ -496,6 +539,7 @@ def _run_case(
             ref_weights, ref_ids = routing.route_reference(*args)
     finally:
         _routing_kernels.launch_route_kernel = real_launch
+        interpreter.InterpreterBuilder.create_atomic_rmw = real_atomic
         _routing_kernels.set_config_override(None)
 
     assert launches, "the Triton kernel was not launched"
