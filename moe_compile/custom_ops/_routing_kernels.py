@@ -1182,7 +1182,11 @@ def default_config(
         # grouped, EPLB on, 65536 tokens: 128 us with them, 120 without).
         lanes = max(1, min(32, row_width // 8))
         return RouteKernelConfig(
-            min(256, 8 * 32 * num_warps // lanes), num_warps, lane_experts=8, table_entries=0
+            min(256, 8 * 32 * num_warps // lanes),
+            num_warps,
+            lane_experts=8,
+            table_entries=0,
+            workspace_from_bins=512,
         )
     lanes = max(1, min(32, row_width // 32))
     config = RouteKernelConfig(min(256, 32 * num_warps // lanes), num_warps, lane_experts=32)

@@ -40,6 +40,11 @@ CASES = {
         dict(scoring_func="sigmoid", renormalize=True, num_expert_group=8, topk_group=4),
         None,
     ),
+    "grouped_sigmoid_bias_E256_g8_k8_eplb_modulo": (
+        torch.bfloat16, 256, 8, True,
+        dict(scoring_func="sigmoid", renormalize=True, num_expert_group=8, topk_group=4),
+        "modulo",
+    ),
     "sqrtsoftplus_fp32_E60_k6_shared2": (
         torch.float32, 62, 6, False,
         dict(scoring_func="sqrtsoftplus", renormalize=True, num_expert_group=0, topk_group=0,

@@ -270,6 +270,10 @@ def _cases():
             num_experts=20, top_k=3, num_tokens=37, eplb=True, small_tiles=True, corrupt=True,
             workspace=True, unpadded=29, ties=True, load_dtype=load_dtype,
         )  # fmt: skip
+    cases["workspace_counts_grouped_int64_keys_modulo"] = dict(
+        num_experts=32, top_k=4, num_tokens=37, scoring="sigmoid", bias=True, groups=4,
+        topk_group=2, eplb=True, policy="modulo", small_tiles=True, workspace=True, ties=True,
+    )  # fmt: skip
     cases["workspace_counts_one_tile_per_program"] = dict(
         num_experts=20, top_k=3, num_tokens=9, eplb=True, small_tiles=True, workspace=True
     )
