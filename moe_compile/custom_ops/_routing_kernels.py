@@ -1207,12 +1207,12 @@ def default_config(
                 workspace_from_bins=512,
             ),
         )
-        # Decode sizes: one-token, one-warp programs of the 32-experts-per-lane
-        # layout, whose reductions and layout changes stay within the warp.
+        # Decode sizes: one-token, one-warp programs, a row over 8 lanes (up to 32
+        # experts each), whose reductions and layout changes stay within the warp.
         config = RouteKernelConfig(
             1,
             1,
-            lane_experts=32,
+            lane_experts=min(32, row_width // 8),
             slot_atomics=True,
             large_launch=config,
             large_launch_from_tokens=17,
