@@ -1158,14 +1158,15 @@ def default_config(
     per SM hide the latency and fewer instructions win). With EPLB (a persistent grid
     of few programs, so few load atomics, and latency exposed), three launches, one of
     which runs per call:
-    - below 17 tokens, one-warp programs of 32 experts per lane (E=256: 4-token
-      tiles), counting with an atomic per slot (H100, same run, 2026-12-06: 2.97 us
-      at one token and 3.06 at 16 against 3.29 and 3.46 with the next launch);
+    - below 17 tokens, one-token one-warp programs, a row over 8 lanes, counting
+      with an atomic per slot (H100, same run, 2026-12-06: 2.90 us at one token and
+      3.00 at 16 against 2.95 and 3.05 with 4-token tiles; E=128, 16 experts per
+      lane: 2.54 against 3.10 with 32);
     - below 8192, 4-warp programs. Below 3072 tokens 16 experts per lane (E=256:
-      8-token tiles), counting with an atomic per slot (few slots per program; the
-      histogram cost 0.4 us at 128 tokens and 0.8 at 1024); from 3072 on, eight rows
-      per thread, whose independent loads hide the latency the few programs leave
-      exposed (E=256: 64-token tiles);
+      8-token tiles); from 3072 on, eight rows per thread, whose independent loads
+      hide the latency the few programs leave exposed (E=256: 64-token tiles). Their
+      histogram, for one atomic per touched expert per program, cost 0.4 us at 128
+      tokens and 0.7 at 1024 against an atomic per slot;
     - from 8192 on, one 8-warp program per SM with 128-token tiles (E=256, H200:
       11.8 us instead of 15.4 at 16384 tokens; below 8192 its few programs lose).
       32 experts per lane there compile to fewer instructions per key (26.4 against
@@ -1174,7 +1175,9 @@ def default_config(
       workspace counters when the load histogram has 512 bins or more (H100, same run:
       36.2 us against 39.0 at 65536 tokens for E=256; E=128's 256 bins lost, 22.6
       against 20.4; programs of one tile lost, 13.7 against 13.5 at 16384).
-    int64 keys: 8 experts per lane and eight rows per thread, EPLB map read per slot.
+    int64 keys: 8 experts per lane and eight rows per thread, EPLB map read per slot,
+    workspace counters for programs of several tiles (E=256 grouped, H100, same run:
+    107.6 us against 115.0 at 65536 tokens).
     """
     num_warps = 4
     if not packed_top_k:
