@@ -716,7 +716,8 @@ def _route_tiles(
     CHOSEN_ONLY_WEIGHTS: tl.constexpr = (
         SCORING == 0 and RENORMALIZE and not HAS_BIAS and NUM_GROUPS == 1
     )
-    # The launcher caps the grid at a few programs per SM when it counts (EPLB, counts).
+    # When it counts (EPLB, counts) the launcher caps the grid at a few programs per SM
+    # or gives each token a one-warp program: latency rather than issue limits either.
     PERSISTENT: tl.constexpr = HAS_EPLB or COUNT_BINS > 0
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -1106,7 +1107,8 @@ class RouteKernelConfig:
     num_warps: int
     programs_per_sm: int = 2
     """With EPLB or counts, the grid's cap: each program flushes its histograms once
-    (a program per tile took 130 us at 65536 tokens, E=256, with the flushes contending)."""
+    (a program per tile took 130 us at 65536 tokens, E=256, with the flushes contending).
+    0: no cap, a program per tile."""
     packed_top_k: bool = True
     """Allow the packed-key top-k for 16-bit softmax logits (exact fallback per tile)."""
     lane_experts: int = 32
@@ -1194,31 +1196,41 @@ def default_config(
     lanes = max(1, min(32, row_width // 32))
     config = RouteKernelConfig(min(256, 32 * num_warps // lanes), num_warps, lane_experts=32)
     if eplb and row_width >= 128:
+        # One-token programs up to 3072 tokens for 256 experts or more, 256 below.
+        one_token_below = 3072 if row_width >= 256 else 256
         middle_lanes = max(1, min(32, row_width // 16))
         large_tile = min(256, 8 * 32 * num_warps // middle_lanes)
-        config = RouteKernelConfig(
-            min(256, 32 * num_warps // middle_lanes),
-            num_warps,
+        large_launch = RouteKernelConfig(
+            min(256, 2 * large_tile),
+            2 * num_warps,
+            programs_per_sm=1,
             lane_experts=16,
-            large_block_tokens=large_tile,
-            large_lane_experts=16,
-            large_launch=RouteKernelConfig(
-                min(256, 2 * large_tile),
-                2 * num_warps,
-                programs_per_sm=1,
-                lane_experts=16,
-                workspace_from_bins=512,
-            ),
+            workspace_from_bins=512,
         )
-        # Decode sizes: one-token, one-warp programs, a row over 8 lanes (up to 32
-        # experts each), whose reductions and layout changes stay within the warp.
+        if one_token_below >= 3072:  # the small-tile layout would never run
+            config = RouteKernelConfig(
+                large_tile, num_warps, lane_experts=16, large_launch=large_launch
+            )
+        else:
+            config = RouteKernelConfig(
+                min(256, 32 * num_warps // middle_lanes),
+                num_warps,
+                lane_experts=16,
+                large_block_tokens=large_tile,
+                large_lane_experts=16,
+                large_launch=large_launch,
+            )
+        # One-warp programs of one token, a row over 8 lanes (up to 32 experts each),
+        # whose reductions and layout changes stay within the warp; a program per
+        # token (no cap), each counting with an atomic per slot.
         config = RouteKernelConfig(
             1,
             1,
+            programs_per_sm=0,
             lane_experts=min(32, row_width // 8),
             slot_atomics=True,
             large_launch=config,
-            large_launch_from_tokens=17,
+            large_launch_from_tokens=one_token_below,
         )
     return config
 
@@ -1398,25 +1410,26 @@ def launch_route_kernel(
         else:  # LARGE_BLOCK_T = 0 compiles the second layout out
             layouts |= {f"LARGE_{name}": 0 for name in layouts}
         num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
+        capped = persistent and config.programs_per_sm > 0
         cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
-        if persistent:
+        if capped:
             num_tiles = torch.sym_min(num_tiles, cap)
-        # (the conditions under which each program routes exactly one token)
-        slot_atomics = (
-            config.slot_atomics
-            and config.block_tokens == 1
+        one_token_programs = (
+            config.block_tokens == 1
             and not config.large_block_tokens
-            and num_real_experts == num_routed
-            and config.large_launch is not None
-            and config.large_launch_from_tokens - 1 <= cap
+            and (
+                not capped
+                or (config.large_launch is not None and config.large_launch_from_tokens - 1 <= cap)
+            )
         )
+        slot_atomics = config.slot_atomics and one_token_programs and num_real_experts == num_routed
         grid = torch.sym_max(num_tiles, 1) * runs
         if isinstance(grid, int) and grid == 0:
             # A known token count (eager, or a graph specialized on it) that another
             # launch serves: neither compile nor launch this one.
             return
         workspace = {}
-        if persistent and eplb is not None and 0 < config.workspace_from_bins <= load_bins:
+        if capped and eplb is not None and 0 < config.workspace_from_bins <= load_bins:
             workspace["workspace_ptr"] = router_logits.new_empty(cap * load_bins, dtype=torch.int32)
         kernel[(grid,)](
             **(arguments | workspace),

@@ -71,10 +71,10 @@ def test_kernel_compiles_for_sm90(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("num_tokens", "num_warps"), [(5, 1), (100, 4), (8192, 8)])
+@pytest.mark.parametrize(("num_tokens", "num_warps"), [(5, 1), (4000, 4), (8192, 8)])
 def test_one_launch_runs_per_call_and_its_tile_loop_is_found(monkeypatch, num_tokens, num_warps):
-    # The EPLB launches, shaped for an H100: decode sizes (atomics per slot), the middle
-    # ones, from 8192 tokens on. Each one's tile loop reads the logits and sorts.
+    # The EPLB launches, shaped for an H100: one-token programs (atomics per slot), the
+    # middle ones, from 8192 tokens on. Each one's tile loop reads the logits and sorts.
     monkeypatch.setattr(_routing_kernels, "_multiprocessor_count", lambda _: H100_MULTIPROCESSORS)
     dtype, width, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
     logits = torch.zeros(num_tokens, width, dtype=dtype)
@@ -89,7 +89,7 @@ def test_one_launch_runs_per_call_and_its_tile_loop_is_found(monkeypatch, num_to
     total = sass.count(";")
     assert loop["LDG"] > 0 and loop["VIMNMX"] > 0 and sum(loop.values()) < total
     assert "REG:" in usage
-    assert arguments["SLOT_ATOMICS"] is (num_tokens < 17)
+    assert arguments["SLOT_ATOMICS"] is (num_tokens < 3072)
     if num_tokens >= 8192:
         # 264 physical experts, a 512-bin histogram: programs of several tiles count in
         # their workspace counters, with atomics whose result nothing waits for (the
@@ -97,7 +97,7 @@ def test_one_launch_runs_per_call_and_its_tile_loop_is_found(monkeypatch, num_to
         assert loop["REDG"] > 0
 
 
-@pytest.mark.parametrize("num_tokens", [5, 100, 8192])
+@pytest.mark.parametrize("num_tokens", [5, 4000, 8192])
 def test_launches_of_a_known_empty_grid_are_not_made(num_tokens):
     # Eager calls know the token count: of the three EPLB launches only the one that
     # routes it is compiled and made.
@@ -110,25 +110,26 @@ def test_launches_of_a_known_empty_grid_are_not_made(num_tokens):
 
 
 @pytest.mark.parametrize(
-    ("num_tokens", "multiprocessors", "zero_experts", "per_slot"),
+    ("num_tokens", "width", "zero_experts", "per_slot"),
     [
-        (1, H100_MULTIPROCESSORS, False, True),
-        (16, H100_MULTIPROCESSORS, False, True),
-        (16, H100_MULTIPROCESSORS, True, False),  # a zero expert's slots all become expert 0
-        (16, 4, False, False),  # 8 programs: some would route two tokens
-        (8, 4, False, False),  # the launch could get 16 tokens on 8 programs
-        (17, H100_MULTIPROCESSORS, False, False),
-        (1000, H100_MULTIPROCESSORS, False, False),
-        (20000, H100_MULTIPROCESSORS, False, False),
+        (1, 256, False, True),
+        (16, 256, False, True),
+        (3071, 256, False, True),  # a program per token: the launch has no cap
+        (16, 256, True, False),  # a zero expert's slots all become expert 0
+        (3072, 256, False, False),
+        (20000, 256, False, False),
+        (255, 128, False, True),
+        (256, 128, False, False),
     ],
 )
+@pytest.mark.parametrize("multiprocessors", [4, H100_MULTIPROCESSORS])
 def test_the_load_is_counted_per_slot_only_by_one_token_programs(
-    monkeypatch, num_tokens, multiprocessors, zero_experts, per_slot
+    monkeypatch, num_tokens, width, zero_experts, per_slot, multiprocessors
 ):
     # One atomic per touched expert per program: per slot only where a program's slots
     # are one token's, whose experts (and so replicas) are distinct.
     monkeypatch.setattr(_routing_kernels, "_multiprocessor_count", lambda _: multiprocessors)
-    dtype, width, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
+    dtype, _, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
     logits = torch.zeros(num_tokens, width, dtype=dtype)
     if zero_experts:
         options = options | dict(zero_experts=(width - 4, torch.empty(num_tokens, 1)))

@@ -170,11 +170,17 @@ def _cases():
     cases["one_token_programs_next_launch"] = dict(
         num_experts=20, top_k=3, num_tokens=9, eplb=True, one_token_programs=True, ties=True
     )
-    # A zero expert's slots all become expert 0: one-token programs count in the histogram.
-    cases["one_token_programs_zero_experts"] = dict(
-        num_experts=20, zero=4, top_k=3, num_tokens=4, bias=True, eplb=True,
-        one_token_programs=True,
+    # No grid cap: a program per token, however many (the next launch from 40 tokens).
+    cases["one_token_programs_uncapped_modulo_padded"] = dict(
+        num_experts=32, top_k=4, num_tokens=37, eplb=True, policy="modulo",
+        one_token_programs="uncapped", unpadded=30, ties=True,
     )  # fmt: skip
+    # A zero expert's slots all become expert 0: one-token programs count in the histogram.
+    for programs in (True, "uncapped"):
+        cases[f"one_token_programs_zero_experts_{programs}"] = dict(
+            num_experts=20, zero=4, top_k=3, num_tokens=4 if programs is True else 17,
+            bias=True, eplb=True, one_token_programs=programs,
+        )  # fmt: skip
     cases["two_layouts_counts_shared"] = dict(
         num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
         count_bins=40, large_from_tokens=16,
@@ -423,16 +429,18 @@ def _run_case(
             )
         )
     if one_token_programs:
-        # Up to 4 tokens (the interpreter's grid cap: 4 programs), then 4-token tiles.
+        # Up to 4 tokens (the interpreter's grid cap: 4 programs), or with no cap up to
+        # 39 tokens (a program each); then 4-token tiles.
+        uncapped = one_token_programs == "uncapped"
         next_launch = _routing_kernels.RouteKernelConfig(
             block_tokens=4, num_warps=1, programs_per_sm=1
         )
         table = {} if table_entries is None else dict(table_entries=table_entries)
         _routing_kernels.set_config_override(
             _routing_kernels.RouteKernelConfig(
-                block_tokens=1, num_warps=1, programs_per_sm=1, slot_atomics=True,
-                large_launch=dataclasses.replace(next_launch, **table),
-                large_launch_from_tokens=5, **table,
+                block_tokens=1, num_warps=1, programs_per_sm=0 if uncapped else 1,
+                slot_atomics=True, large_launch=dataclasses.replace(next_launch, **table),
+                large_launch_from_tokens=40 if uncapped else 5, **table,
             )
         )  # fmt: skip
     if lane_experts is not None:
