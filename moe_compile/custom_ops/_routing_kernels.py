@@ -1157,18 +1157,21 @@ def default_config(
     the A/B runs in bench/results/routing_kernel_ab_*2026-11-28.json).
 
     int32 keys: 32 experts per lane, one row per thread (many programs, so many warps
-    per SM hide the latency and fewer instructions win). With EPLB (a persistent grid
-    of few programs, so few load atomics, and latency exposed), three launches, one of
-    which runs per call:
-    - below 17 tokens, one-token one-warp programs, a row over 8 lanes, counting
-      with an atomic per slot (H100, same run, 2026-12-06: 2.90 us at one token and
-      3.00 at 16 against 2.95 and 3.05 with 4-token tiles; E=128, 16 experts per
-      lane: 2.54 against 3.10 with 32);
-    - below 8192, 4-warp programs. Below 3072 tokens 16 experts per lane (E=256:
-      8-token tiles); from 3072 on, eight rows per thread, whose independent loads
-      hide the latency the few programs leave exposed (E=256: 64-token tiles). Their
-      histogram, for one atomic per touched expert per program, cost 0.4 us at 128
-      tokens and 0.7 at 1024 against an atomic per slot;
+    per SM hide the latency and fewer instructions win). With EPLB, three launches, one
+    of which runs per call (H100 A/Bs of 2026-12-06 in
+    routing_kernel_ab_counting_h100_2026-12-06.json):
+    - below 3072 tokens for 256 experts or more, 512 for fewer, a one-warp program per
+      token, a row over 8 lanes, counting with an atomic per slot (one per touched
+      expert: a token's experts are distinct). E=256: 3.10 us against 3.92 at 64
+      tokens, 4.68 against 5.19 at 1024, 8.20 against 8.52 at 3000 for the middle
+      launch below, which counts in a histogram; E=128: 3.32 against 3.60 at 384,
+      even at 512, 4.26 against 3.76 at 768. At one token, 2.90 us against 2.95 for
+      4-token tiles; E=128 with 16 experts per lane, 2.54 against 3.10 with 32;
+    - then up to 8192, a persistent grid of 4-warp programs (few programs, so few
+      load atomics, and latency exposed): 16 experts per lane, 8-token tiles below
+      3072 tokens (E=128 only) and from 3072 on eight rows per thread, whose
+      independent loads hide the latency the few programs leave exposed (E=256:
+      64-token tiles);
     - from 8192 on, one 8-warp program per SM with 128-token tiles (E=256, H200:
       11.8 us instead of 15.4 at 16384 tokens; below 8192 its few programs lose).
       32 experts per lane there compile to fewer instructions per key (26.4 against
@@ -1196,8 +1199,8 @@ def default_config(
     lanes = max(1, min(32, row_width // 32))
     config = RouteKernelConfig(min(256, 32 * num_warps // lanes), num_warps, lane_experts=32)
     if eplb and row_width >= 128:
-        # One-token programs up to 3072 tokens for 256 experts or more, 256 below.
-        one_token_below = 3072 if row_width >= 256 else 256
+        # One-token programs up to 3072 tokens for 256 experts or more, 512 below.
+        one_token_below = 3072 if row_width >= 256 else 512
         middle_lanes = max(1, min(32, row_width // 16))
         large_tile = min(256, 8 * 32 * num_warps // middle_lanes)
         large_launch = RouteKernelConfig(

@@ -118,8 +118,8 @@ def test_launches_of_a_known_empty_grid_are_not_made(num_tokens):
         (16, 256, True, False),  # a zero expert's slots all become expert 0
         (3072, 256, False, False),
         (20000, 256, False, False),
-        (255, 128, False, True),
-        (256, 128, False, False),
+        (511, 128, False, True),
+        (512, 128, False, False),
     ],
 )
 @pytest.mark.parametrize("multiprocessors", [4, H100_MULTIPROCESSORS])
