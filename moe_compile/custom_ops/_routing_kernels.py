@@ -1126,8 +1126,8 @@ class RouteKernelConfig:
     slot_atomics: bool = False
     """Count the load with an atomic per slot rather than a histogram, where each
     program routes one token, whose slots name distinct experts: one-token tiles, one
-    layout, no zero experts (their slots all become expert 0), and a next launch from
-    at most as many tokens as this one has programs. Elsewhere the histogram counts."""
+    layout, no zero experts (their slots all become expert 0), and no grid cap or a
+    next launch from at most as many tokens as the cap. Elsewhere the histogram counts."""
     table_entries: int = 1024
     """EPLB: each program gathers the replica counts and the map from its own copy when
     the map (padded to powers of two) has at most this many entries (0: never)."""
@@ -1199,8 +1199,8 @@ def default_config(
     lanes = max(1, min(32, row_width // 32))
     config = RouteKernelConfig(min(256, 32 * num_warps // lanes), num_warps, lane_experts=32)
     if eplb and row_width >= 128:
-        # One-token programs up to 3072 tokens for 256 experts or more, 512 below.
-        one_token_below = 3072 if row_width >= 256 else 512
+        eight_rows_from = 3072  # the middle launch's layout of eight rows per thread
+        one_token_below = eight_rows_from if row_width >= 256 else 512
         middle_lanes = max(1, min(32, row_width // 16))
         large_tile = min(256, 8 * 32 * num_warps // middle_lanes)
         large_launch = RouteKernelConfig(
@@ -1210,7 +1210,7 @@ def default_config(
             lane_experts=16,
             workspace_from_bins=512,
         )
-        if one_token_below >= 3072:  # the small-tile layout would never run
+        if one_token_below >= eight_rows_from:  # a small-tile layout would never run
             config = RouteKernelConfig(
                 large_tile, num_warps, lane_experts=16, large_launch=large_launch
             )
@@ -1221,6 +1221,7 @@ def default_config(
                 lane_experts=16,
                 large_block_tokens=large_tile,
                 large_lane_experts=16,
+                large_from_tokens=eight_rows_from,
                 large_launch=large_launch,
             )
         # One-warp programs of one token, a row over 8 lanes (up to 32 experts each),
