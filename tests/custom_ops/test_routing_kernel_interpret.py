@@ -175,6 +175,11 @@ def _cases():
         num_experts=32, top_k=4, num_tokens=37, eplb=True, policy="modulo",
         one_token_programs="uncapped", unpadded=30, ties=True,
     )  # fmt: skip
+    # Counts and offsets from a program per token (the last of 37 tickets writes them).
+    cases["one_token_programs_uncapped_counts_shared"] = dict(
+        num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True,
+        one_token_programs="uncapped", count_bins=40, ties=True,
+    )  # fmt: skip
     # A zero expert's slots all become expert 0: one-token programs count in the histogram.
     for programs in (True, "uncapped"):
         cases[f"one_token_programs_zero_experts_{programs}"] = dict(
