@@ -4,7 +4,8 @@
 kernel, so the cases run in one subprocess (this file run as a script) with
 the environment set; each pytest case then checks its recorded outcome. Every
 case compares the kernel with ``route_reference`` (the eager routers + EPLB
-mapping): ids and loads exactly, weights to 1e-6 relative.
+mapping): ids and loads exactly, weights to 1e-6 relative; and no program may add
+to one expert's load twice (the interpreter's atomics are recorded per program).
 """
 
 from __future__ import annotations
@@ -181,9 +182,9 @@ def _cases():
         one_token_programs="uncapped", count_bins=40, ties=True,
     )  # fmt: skip
     # A zero expert's slots all become expert 0: one-token programs count in the histogram.
-    for programs in (True, "uncapped"):
+    for programs in ("capped", "uncapped"):
         cases[f"one_token_programs_zero_experts_{programs}"] = dict(
-            num_experts=20, zero=4, top_k=3, num_tokens=4 if programs is True else 17,
+            num_experts=20, zero=4, top_k=3, num_tokens=4 if programs == "capped" else 17,
             bias=True, eplb=True, one_token_programs=programs,
         )  # fmt: skip
     cases["two_layouts_counts_shared"] = dict(
