@@ -1082,7 +1082,7 @@ def _route_kernel(
             WORKSPACE_COUNTS, load_counts, expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
-    if HAS_EPLB and not (SLOT_ATOMICS and LARGE_BLOCK_T == 0):
+    if HAS_EPLB and not SLOT_ATOMICS:  # (the launcher gives per-slot atomics one layout)
         bin_ids = tl.arange(0, LOAD_BINS)
         tl.atomic_add(
             load_ptr + bin_ids * stride_load,
