@@ -203,6 +203,18 @@ def tie_logits(num_tokens: int, num_experts: int, generator, device) -> torch.Te
     return (steps.double() / 4 + 0.1).to(LOGITS_DTYPE).to(device)
 
 
+def near_zero_logits(num_tokens: int, num_experts: int, generator, device) -> torch.Tensor:
+    """Tie logits with a tenth each ``+0.0`` and ``-0.0``, 3% ``-inf`` and 7% scaled by
+    1e-3: rows whose packed top-k the kernel redoes with exact keys."""
+    logits = tie_logits(num_tokens, num_experts, generator, "cpu").double()
+    pick = torch.rand(num_tokens, num_experts, generator=generator)
+    logits[pick < 0.1] = 0.0
+    logits[(pick >= 0.1) & (pick < 0.2)] = -0.0
+    logits[(pick >= 0.2) & (pick < 0.23)] = -math.inf
+    logits[(pick >= 0.23) & (pick < 0.3)] *= 1e-3
+    return logits.to(LOGITS_DTYPE).to(device)
+
+
 _SETUPS: dict[tuple, Setup] = {}
 
 
@@ -220,9 +232,13 @@ def get_setup(case: RouterCase, eplb: bool, device) -> Setup:
     return _SETUPS[key]
 
 
-def make_problem(case, num_tokens, eplb, device, rotations=1, ties=False, seed=0) -> Problem:
+def make_problem(
+    case, num_tokens, eplb, device, rotations=1, ties=False, seed=0, near_zero=False
+) -> Problem:
     generator = torch.Generator().manual_seed(seed + num_tokens)
-    if ties:
+    if near_zero:
+        logits = [near_zero_logits(num_tokens, case.num_experts, generator, device)]
+    elif ties:
         logits = [tie_logits(num_tokens, case.num_experts, generator, device)]
     else:
         logits = [
@@ -765,9 +781,12 @@ def main(argv=None) -> int:
             check_tokens = (1, 7)
         for case in CASES:
             for eplb in (False, True):
-                for ties in (False, True):
+                for logits in ("randn", "ties", "near_zero"):
                     for num_tokens in check_tokens:
-                        problem = make_problem(case, num_tokens, eplb, device, ties=ties, seed=9)
+                        problem = make_problem(
+                            case, num_tokens, eplb, device, seed=9,
+                            ties=logits == "ties", near_zero=logits == "near_zero",
+                        )  # fmt: skip
                         for impl in selected_impls:
                             if impl == REFERENCE:
                                 continue
@@ -778,7 +797,7 @@ def main(argv=None) -> int:
                                     "check": f"{impl}: {case.name} T={num_tokens} eplb={eplb}",
                                     "ok": False, "detail": _short(error),
                                 }  # fmt: skip
-                            result["check"] += " ties" if ties else ""
+                            result["check"] += "" if logits == "randn" else f" {logits}"
                             checks.append(result)
                             if not result["ok"]:
                                 print(

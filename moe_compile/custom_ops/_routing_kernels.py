@@ -84,6 +84,7 @@ from triton.language.extra import libdevice
 SCORING_CODES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INLINE_ASM = tl.constexpr(not _INTERPRETING)
 
 _NO_KEY32 = tl.constexpr(-2147483648)
 _NO_KEY64 = tl.constexpr(-9223372036854775808)
@@ -140,14 +141,39 @@ def _key_score(key):
 
 
 @triton.jit
+def _ordered_high_half(x_raw):
+    """A 16-bit float's bits as a signed integer in value order, in the high half of an
+    int32 (low half zero): a negative value's magnitude bits are inverted, so ``-0.0``
+    is -1, just below ``+0.0`` (a chosen logit that close to zero is redone anyway)."""
+    if _INLINE_ASM:
+        # Two values per 32-bit register: the sign of each half replicated over it by
+        # one byte permute, one xor, then a shift or a mask per value (4 instructions
+        # for two keys where the compiler made 9 from the integer ops below).
+        high = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 sign, ordered;
+            prmt.b32 sign, $2, 0, 0xBB99;
+            lop3.b32 ordered, $2, sign, 0x7FFF7FFF, 0x78;
+            shl.b32 $0, ordered, 16;
+            and.b32 $1, ordered, 0xFFFF0000;
+            }""",
+            constraints="=r,=r,r",
+            args=[x_raw],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=2,
+        )
+    else:
+        high = x_raw.to(tl.int16, bitcast=True).to(tl.int32) << 16
+        high = high ^ ((high >> 31) & 0x7FFF0000)
+    return high
+
+
+@triton.jit
 def _packed_key(x_raw, expert, valid, ALL_VALID: tl.constexpr):
-    """int32 key of a 16-bit logit: its value as a signed integer (sign and magnitude
-    to two's complement, so ``-0.0`` and ``+0.0`` are both 0) above the inverted
-    expert index."""
-    high = x_raw.to(tl.int16, bitcast=True).to(tl.int32) << 16
-    sign = high >> 31  # 0 or -1
-    # (magnitude ^ sign) - sign negates a negative magnitude; its low half stays 0
-    key = ((high & 0x7FFF0000) ^ sign) - sign + (0xFFFF - expert)
+    """int32 key of a 16-bit logit: its value in order (:func:`_ordered_high_half`)
+    above the inverted expert index."""
+    key = _ordered_high_half(x_raw) + (0xFFFF - expert)
     if not ALL_VALID:
         key = tl.where(valid, key, _NO_KEY32)
     return key
@@ -364,8 +390,9 @@ def _exact_softmax_top_k(
     TOP_K: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
 ):
-    """Store the experts of the ``TOP_K`` largest float32 softmax scores of each row, the
-    scores divided as eager divides them. For the rare exact redo: ``TOP_K`` rounds
+    """Store the packed keys (:func:`_packed_key`) of the experts of the ``TOP_K``
+    largest float32 softmax scores of each row, the scores divided as eager divides
+    them, in that order. For the rare exact redo: ``TOP_K`` rounds
     that each re-read the logits (cache hits) and recompute every key. Registers are
     allocated for the kernel's worst path, so holding the keys here would cost the
     common path occupancy; the re-read (ordered after the previous round's store)
@@ -394,19 +421,23 @@ def _exact_softmax_top_k(
     # Keys are unique, so the keys below the last one taken are the ones still free.
     taken = tl.full([row_max.shape[0]], 9223372036854775807, tl.int64)
     for r in range(TOP_K):
-        x = _to_float32(
-            _load_lanes(
-                logits_ptr, row_offsets, is_row, stride_e,
-                LANES, MEMBERS_PER_LANE, 1, GROUP_SIZE, MEMBERS_PER_LANE,
-            )
+        x_raw = _load_lanes(
+            logits_ptr, row_offsets, is_row, stride_e,
+            LANES, MEMBERS_PER_LANE, 1, GROUP_SIZE, MEMBERS_PER_LANE,
         )  # fmt: skip
+        x = _to_float32(x_raw)
         lane_best = tl.full(x[0].shape, _NO_KEY64, tl.int64)
         for j in tl.static_range(len(x)):
             score = tl.math.div_rn(_exp(x[j] - row_max, PRECISE_MATH), row_sum)
             key = _float_key(score, experts[j], valid[j])
             lane_best = tl.maximum(lane_best, tl.where(key < taken[:, None], key, _NO_KEY64))
         taken = tl.max(lane_best, axis=1)
-        tl.store(pick_ptrs + r, _key_expert(taken), mask=is_row)
+        picked = _key_expert(taken)[:, None]
+        pick = tl.full(x[0].shape, _NO_KEY32, tl.int32)
+        for j in tl.static_range(len(x)):
+            key = _packed_key(x_raw[j], experts[j], valid[j], False)
+            pick = tl.maximum(pick, tl.where(experts[j] == picked, key, _NO_KEY32))
+        tl.store(pick_ptrs + r, tl.max(pick, axis=1), mask=is_row)
 
 
 # ---------------------------------------------------------------- scores
@@ -533,8 +564,7 @@ def _packed_suspect(chosen, last, first, LOGITS_DTYPE: tl.constexpr):
 @triton.jit
 def _ordered_to_float(ordered, LOGITS_DTYPE: tl.constexpr):
     """Inverse of :func:`_packed_key`'s map of 16-bit float bits to ordered integers."""
-    sign = ordered >> 15
-    bits = (ordered + sign) ^ (sign & 0x7FFF)
+    bits = ordered ^ ((ordered >> 15) & 0x7FFF)
     return bits.to(tl.int16).to(LOGITS_DTYPE, bitcast=True).to(tl.float32)
 
 
@@ -631,6 +661,58 @@ def _add_counts_then_offsets(
         totals = tl.where(bins < num_bins, totals, 0)
         tl.store(offsets_ptr + 1 + bins, tl.cumsum(totals, axis=0), mask=bins < num_bins)
         tl.store(offsets_ptr, 0)
+
+
+@triton.jit
+def _read_elementwise(ptrs, mask, other):
+    """``tl.load(ptrs, mask, other)`` of 32- or 64-bit integers as an elementwise
+    operation: it keeps its operands' layout. A gather ``tl.load`` gets a layout of its
+    own, and the conversions to and from it pass through shared memory, with barriers
+    that hold every warp of the program at each tile (E=256 large launch)."""
+    if _INLINE_ASM and ptrs.dtype.element_ty == tl.int64:
+        value = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, $3; @p ld.global.nc.b64 $0, [$1]; }",
+            "=l,l,r,l",
+            [ptrs, mask.to(tl.int32), tl.full(ptrs.shape, other, tl.int64)],
+            dtype=tl.int64,
+            is_pure=True,
+            pack=1,
+        )
+    elif _INLINE_ASM and ptrs.dtype.element_ty == tl.int32:
+        value = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, $3; @p ld.global.nc.b32 $0, [$1]; }",
+            "=r,l,r,r",
+            [ptrs, mask.to(tl.int32), tl.full(ptrs.shape, other, tl.int32)],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        value = tl.load(ptrs, mask=mask, other=other)
+    return value
+
+
+@triton.jit
+def _add_one_elementwise(ptrs, mask):
+    """``tl.atomic_add(ptrs, 1, mask, sem="relaxed")`` into int32 counters as an
+    elementwise operation, in its operands' layout (see :func:`_read_elementwise`)."""
+    if _INLINE_ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0;"
+            " @p red.relaxed.gpu.global.add.u32 [$1], 1; mov.b32 $0, 0; }",
+            "=r,l,r",
+            [ptrs, mask.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        tl.atomic_add(
+            ptrs,
+            tl.full(ptrs.shape, 1, tl.int32),
+            mask=mask.to(tl.int32) != 0,  # (the interpreter rejects a broadcast mask)
+            sem="relaxed",
+        )
 
 
 @triton.jit
@@ -814,7 +896,8 @@ def _route_tiles(
             # (broadcast: the interpreter rejects a mask combined with a scalar)
             redone = out_mask & (tl.broadcast_to(suspect_rows, out_mask.shape) > 0)
             exact = tl.load(picks_ptr + token2 * OUT_WIDTH + slot, mask=redone, other=0)
-            logical = tl.where(redone, exact, logical)
+            chosen = tl.where(redone, exact, chosen)
+            logical = _key_expert(chosen)
             if suspect_rows > 0:
                 tl.debug_barrier()
         else:
@@ -835,11 +918,8 @@ def _route_tiles(
         # ---- weights: the unbiased scores at the chosen ids
         chosen_logits = logits_ptr + token2 * stride_logits_t + logical * stride_logits_e
         if PACKED_TOP_K:
-            # The packed keys hold the chosen logits; redone rows re-read theirs.
-            x_redone = tl.load(chosen_logits, mask=redone, other=0.0).to(tl.float32)
-            x_chosen = tl.where(
-                redone, x_redone, _ordered_to_float(chosen >> 16, logits_ptr.dtype.element_ty)
-            )
+            # The packed keys hold the chosen logits (the exact redo's keys too).
+            x_chosen = _ordered_to_float(chosen >> 16, logits_ptr.dtype.element_ty)
         elif HAS_BIAS:
             # The keys hold biased scores: the weights come from the logits re-read.
             x_chosen = tl.load(chosen_logits, mask=out_mask, other=0.0).to(tl.float32)
@@ -878,8 +958,8 @@ def _route_tiles(
             if TABLE_REPLICAS > 0:
                 replicas = _gather_slots(replica_table, logical)
             else:
-                replicas = tl.load(
-                    replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
+                replicas = _read_elementwise(
+                    replica_count_ptr + logical * stride_replica_count, out_mask, 1
                 ).to(tl.int32)
             replicas = tl.minimum(tl.maximum(replicas, 1), max_replicas)
             flat_slot = token2 * TOP_K + slot
@@ -895,10 +975,8 @@ def _route_tiles(
                 slot_entry = logical * TABLE_REPLICAS + replica
                 physical = _gather_slots(map_table, slot_entry).to(tl.int64)
             else:
-                physical = tl.load(
-                    l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
-                    mask=out_mask,
-                    other=-1,
+                physical = _read_elementwise(
+                    l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s, out_mask, -1
                 ).to(tl.int64)
             counted = out_mask & record_on & (physical >= 0) & (physical < num_physical)
             if HAS_UNPADDED:
@@ -917,12 +995,7 @@ def _route_tiles(
                 # The program's own counters in global memory: an atomic per slot that
                 # waits for nothing and contends with no other program, instead of the
                 # histogram's ballots (19% of the large launch's stall samples, H200).
-                tl.atomic_add(
-                    own_counters + physical,
-                    tl.full(physical.shape, 1, tl.int32),
-                    mask=counted.to(tl.int32) != 0,
-                    sem="relaxed",
-                )
+                _add_one_elementwise(own_counters + physical, counted)
             else:
                 load_counts += tl.histogram(
                     tl.reshape(tl.where(counted, physical, 0).to(tl.int32), [BLOCK_T * TOP_K_PAD]),
