@@ -50,10 +50,10 @@ re-read), the zero-expert masking (``NUM_REAL_EXPERTS < E_ROUTED``), with EPLB
 the physical id, then the shared-expert columns. With EPLB each program reads the
 replica counts and the map once (``TABLE_REPLICAS``) and gathers each slot's
 entries from that copy on chip, instead of two dependent global reads per slot.
-Per-slot global reads and atomics are elementwise inline assembly where compiled
-(``_INLINE_ASM``): a gather ``tl.load`` or ``tl.atomic_add`` gets a layout of its
-own, and the conversions to it pass through shared memory with barriers that
-hold every warp of the program.
+Per-slot global reads of the map are elementwise inline assembly where compiled
+(``_INLINE_ASM``): a gather ``tl.load`` gets a layout of its own, and the
+conversions to it pass through shared memory with barriers that hold every warp
+of the program.
 The load is counted into a per-program histogram over the physical experts; each
 program adds it with one atomic per touched expert after its last tile (with EPLB
 the grid is a few programs per SM). Programs of one token count each slot with an
@@ -676,7 +676,9 @@ def _read_elementwise(ptrs, mask, other):
     """``tl.load(ptrs, mask, other)`` of 32- or 64-bit integers as an elementwise
     operation: it keeps its operands' layout. A gather ``tl.load`` gets a layout of its
     own, and the conversions to and from it pass through shared memory, with barriers
-    that hold every warp of the program at each tile (E=256 large launch)."""
+    that hold every warp of the program at each tile (E=256 large launch). A layout may
+    hold an element in several threads, each of which then reads it: harmless for a
+    read, not for an atomic, which is why the counting keeps ``tl.atomic_add``."""
     if _INLINE_ASM and ptrs.dtype.element_ty == tl.int64:
         value = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, $3; @p ld.global.nc.b64 $0, [$1]; }",
@@ -698,29 +700,6 @@ def _read_elementwise(ptrs, mask, other):
     else:
         value = tl.load(ptrs, mask=mask, other=other)
     return value
-
-
-@triton.jit
-def _add_one_elementwise(ptrs, mask):
-    """``tl.atomic_add(ptrs, 1, mask, sem="relaxed")`` into int32 counters as an
-    elementwise operation, in its operands' layout (see :func:`_read_elementwise`)."""
-    if _INLINE_ASM:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0;"
-            " @p red.relaxed.gpu.global.add.u32 [$1], 1; mov.b32 $0, 0; }",
-            "=r,l,r",
-            [ptrs, mask.to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-    else:
-        tl.atomic_add(
-            ptrs,
-            tl.full(ptrs.shape, 1, tl.int32),
-            mask=mask.to(tl.int32) != 0,  # (the interpreter rejects a broadcast mask)
-            sem="relaxed",
-        )
 
 
 @triton.jit
@@ -1003,7 +982,12 @@ def _route_tiles(
                 # The program's own counters in global memory: an atomic per slot that
                 # waits for nothing and contends with no other program, instead of the
                 # histogram's ballots (19% of the large launch's stall samples, H200).
-                _add_one_elementwise(own_counters + physical, counted)
+                tl.atomic_add(
+                    own_counters + physical,
+                    tl.full(physical.shape, 1, tl.int32),
+                    mask=counted.to(tl.int32) != 0,
+                    sem="relaxed",
+                )
             else:
                 load_counts += tl.histogram(
                     tl.reshape(tl.where(counted, physical, 0).to(tl.int32), [BLOCK_T * TOP_K_PAD]),
