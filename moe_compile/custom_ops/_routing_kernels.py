@@ -50,10 +50,6 @@ re-read), the zero-expert masking (``NUM_REAL_EXPERTS < E_ROUTED``), with EPLB
 the physical id, then the shared-expert columns. With EPLB each program reads the
 replica counts and the map once (``TABLE_REPLICAS``) and gathers each slot's
 entries from that copy on chip, instead of two dependent global reads per slot.
-Per-slot global reads of the map are elementwise inline assembly where compiled
-(``_INLINE_ASM``): a gather ``tl.load`` gets a layout of its own, and the
-conversions to it pass through shared memory with barriers that hold every warp
-of the program.
 The load is counted into a per-program histogram over the physical experts; each
 program adds it with one atomic per touched expert after its last tile (with EPLB
 the grid is a few programs per SM). Programs of one token count each slot with an
@@ -155,8 +151,8 @@ def _ordered_high_half(x_raw):
     if _INLINE_ASM:
         # Two values per 32-bit register: the sign of each half replicated over it by
         # one byte permute, one xor, then a shift or a mask per value. The integer
-        # operations below compile to 169 more instructions per thread and tile (E=256
-        # large launch, sm_90 under Triton 3.6: 3078 against 2909).
+        # operations below compile to 171 more instructions per thread and tile (E=256
+        # EPLB large launch, sm_90 under Triton 3.6: 3078 against 2907).
         high = tl.inline_asm_elementwise(
             asm="""{
             .reg .b32 sign, ordered;
@@ -672,37 +668,6 @@ def _add_counts_then_offsets(
 
 
 @triton.jit
-def _read_elementwise(ptrs, mask, other):
-    """``tl.load(ptrs, mask, other)`` of 32- or 64-bit integers as an elementwise
-    operation: it keeps its operands' layout. A gather ``tl.load`` gets a layout of its
-    own, and the conversions to and from it pass through shared memory, with barriers
-    that hold every warp of the program at each tile (E=256 large launch). A layout may
-    hold an element in several threads, each of which then reads it: harmless for a
-    read, not for an atomic, which is why the counting keeps ``tl.atomic_add``."""
-    if _INLINE_ASM and ptrs.dtype.element_ty == tl.int64:
-        value = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b64 $0, $3; @p ld.global.nc.b64 $0, [$1]; }",
-            "=l,l,r,l",
-            [ptrs, mask.to(tl.int32), tl.full(ptrs.shape, other, tl.int64)],
-            dtype=tl.int64,
-            is_pure=True,
-            pack=1,
-        )
-    elif _INLINE_ASM and ptrs.dtype.element_ty == tl.int32:
-        value = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, $3; @p ld.global.nc.b32 $0, [$1]; }",
-            "=r,l,r,r",
-            [ptrs, mask.to(tl.int32), tl.full(ptrs.shape, other, tl.int32)],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        value = tl.load(ptrs, mask=mask, other=other)
-    return value
-
-
-@triton.jit
 def _gather_slots(table, index):
     """``table[index]`` for a 1-D on-chip table and a 2-D index (``tl.gather`` wants
     equal ranks)."""
@@ -945,8 +910,8 @@ def _route_tiles(
             if TABLE_REPLICAS > 0:
                 replicas = _gather_slots(replica_table, logical)
             else:
-                replicas = _read_elementwise(
-                    replica_count_ptr + logical * stride_replica_count, out_mask, 1
+                replicas = tl.load(
+                    replica_count_ptr + logical * stride_replica_count, mask=out_mask, other=1
                 ).to(tl.int32)
             replicas = tl.minimum(tl.maximum(replicas, 1), max_replicas)
             flat_slot = token2 * TOP_K + slot
@@ -962,8 +927,10 @@ def _route_tiles(
                 slot_entry = logical * TABLE_REPLICAS + replica
                 physical = _gather_slots(map_table, slot_entry).to(tl.int64)
             else:
-                physical = _read_elementwise(
-                    l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s, out_mask, -1
+                physical = tl.load(
+                    l2p_ptr + logical * stride_l2p_e + replica * stride_l2p_s,
+                    mask=out_mask,
+                    other=-1,
                 ).to(tl.int64)
             counted = out_mask & record_on & (physical >= 0) & (physical < num_physical)
             if HAS_UNPADDED:
