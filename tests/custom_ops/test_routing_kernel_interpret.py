@@ -614,6 +614,72 @@ def _special_logits(kind, num_tokens, width, generator, bf16):
     return logits
 
 
+KEY_DTYPES = ("bfloat16", "float16")
+
+
+def _packed_keys_kernel():
+    """A kernel writing ``_packed_key`` of every logit (expert ``index % 256``) and the
+    value ``_ordered_to_float`` reads back from it; defined here, once Triton runs
+    interpreted."""
+    global _routing_kernels
+    import triton
+    import triton.language as tl
+
+    from moe_compile.custom_ops import _routing_kernels
+
+    @triton.jit
+    def keys_kernel(
+        logits_ptr, keys_ptr, values_ptr, converted_ptr, N: tl.constexpr, DTYPE: tl.constexpr
+    ):
+        index = tl.arange(0, N)
+        logits = tl.load(logits_ptr + index)
+        key = _routing_kernels._packed_key(logits, index % 256, index >= 0, True)
+        tl.store(keys_ptr + index, key)
+        tl.store(values_ptr + index, _routing_kernels._ordered_to_float(key >> 16, DTYPE))
+        tl.store(converted_ptr + index, logits.to(tl.float32))
+
+    return keys_kernel
+
+
+def _check_packed_keys(dtype: str) -> None:
+    """Every 16-bit pattern through ``_packed_key`` and back through ``_ordered_to_float``:
+    keys in the order of the values (``-0.0`` just below ``+0.0``), the inverted expert
+    index in the low half, and the value recovered bit for bit."""
+    import torch
+    import triton.language as tl
+
+    keys_kernel = _packed_keys_kernel()
+    torch_dtype = getattr(torch, dtype)
+    logits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch_dtype)
+    keys = torch.empty(logits.shape, dtype=torch.int32)
+    values = torch.empty(logits.shape, dtype=torch.float32)
+    converted = torch.empty(logits.shape, dtype=torch.float32)
+    keys_kernel[(1,)](logits, keys, values, converted, N=logits.numel(), DTYPE=getattr(tl, dtype))
+
+    expert = torch.arange(logits.numel()) % 256
+    torch.testing.assert_close(keys & 0xFFFF, 0xFFFF - expert.to(torch.int32), rtol=0, atol=0)
+    value = logits.float()
+    is_number = ~value.isnan()
+    assert values[~is_number].isnan().all()
+    # The kernel takes the chosen logits from their keys: as the logits themselves
+    # convert. (The interpreter flushes subnormal bf16 to zero in that conversion, so
+    # the comparison with torch's values leaves subnormals out.)
+    normal = value.abs() >= torch.finfo(torch_dtype).tiny
+    for expected, where in ((converted, is_number), (value, is_number & normal)):
+        same = values[where] == expected[where]
+        same_sign = values[where].signbit() == expected[where].signbit()
+        assert (same & same_sign).all(), "the value read back from a key differs"
+    # Sorted by key, the values never decrease, and -0.0 sorts just below +0.0.
+    high = (keys[is_number] >> 16).to(torch.int64)
+    order = torch.argsort(high)
+    assert (high[order].diff() > 0).all(), "two values share a key"
+    by_key = value[is_number][order]
+    assert (by_key.diff() >= 0).all(), "keys out of value order"
+    zeros = by_key == 0
+    assert by_key[zeros].signbit().tolist() == [True, False]
+    assert high[order][zeros].diff().tolist() == [1]
+
+
 def _main() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from moe_compile.custom_ops import _routing_kernels
@@ -621,9 +687,12 @@ def _main() -> None:
     if not _routing_kernels._INTERPRETING:
         raise SystemExit("run with TRITON_INTERPRET=1")
     results = {}
-    for name, kwargs in CASES.items():
+    checks = {name: lambda kwargs=kwargs: _run_case(**kwargs) for name, kwargs in CASES.items()}
+    for dtype in KEY_DTYPES:
+        checks[f"packed_keys_{dtype}"] = lambda dtype=dtype: _check_packed_keys(dtype)
+    for name, check in checks.items():
         try:
-            _run_case(**kwargs)
+            check()
             results[name] = "ok"
         except Exception:
             results[name] = traceback.format_exc()
@@ -652,6 +721,12 @@ def interpreted_results():
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference_under_interpreter(interpreted_results, name):
     outcome = interpreted_results[name]
+    assert outcome == "ok", outcome
+
+
+@pytest.mark.parametrize("dtype", KEY_DTYPES)
+def test_packed_keys_order_every_16_bit_value(interpreted_results, dtype):
+    outcome = interpreted_results[f"packed_keys_{dtype}"]
     assert outcome == "ok", outcome
 
 
