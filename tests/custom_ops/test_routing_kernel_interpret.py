@@ -618,9 +618,10 @@ KEY_DTYPES = ("bfloat16", "float16")
 
 
 def _packed_keys_kernel():
-    """A kernel writing ``_packed_key`` of every logit (expert ``index % 256``) and the
-    value ``_ordered_to_float`` reads back from it; defined here, once Triton runs
-    interpreted."""
+    """A kernel writing ``_packed_key`` of every logit (expert ``index % 256``), the
+    value ``_ordered_to_float`` reads back from it and the logit converted. Defined
+    once Triton runs interpreted; the kernel finds ``_routing_kernels`` among this
+    module's globals, where Triton resolves its names."""
     global _routing_kernels
     import triton
     import triton.language as tl
@@ -644,7 +645,7 @@ def _packed_keys_kernel():
 def _check_packed_keys(dtype: str) -> None:
     """Every 16-bit pattern through ``_packed_key`` and back through ``_ordered_to_float``:
     keys in the order of the values (``-0.0`` just below ``+0.0``), the inverted expert
-    index in the low half, and the value recovered bit for bit."""
+    index in the low half, and the value read back as the logit itself converts."""
     import torch
     import triton.language as tl
 
