@@ -823,7 +823,6 @@ def _route_tiles(
             for j in tl.static_range(SORT_WIDTH):
                 keys = keys + (_packed_key(x_raw[j], experts[j], valid[j], ALL_VALID),)
             chosen, last, first = _take_top_k(keys, TOP_K, TOP_K_PAD, HEADS, _NO_KEY32, PERSISTENT)
-            logical = _key_expert(chosen)
             suspect = _packed_suspect(chosen, last, first, logits_ptr.dtype.element_ty)
             if not CHOSEN_ONLY_WEIGHTS:
                 x = _to_float32(x_raw)
@@ -831,7 +830,7 @@ def _route_tiles(
             suspect_rows = tl.sum((suspect & is_token).to(tl.int32), axis=0)
             if suspect_rows > 0:
                 # Redo in sub-tiles of one row per warp, re-reading the logits (cache
-                # hits): fewer live registers. The exact picks pass through the
+                # hits): fewer live registers. The exact picks' keys pass through the
                 # weights buffer, which the weights overwrite only after a barrier.
                 # They are merged by a select rather than rebound here: a value bound
                 # in one branch of a runtime if makes Triton pick one layout for both,
