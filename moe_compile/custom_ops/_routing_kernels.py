@@ -867,12 +867,12 @@ def _route_tiles(
         logical = tl.minimum(tl.maximum(logical, 0), E_ROUTED - 1)
 
         # ---- weights: the unbiased scores at the chosen ids
-        chosen_logits = logits_ptr + token2 * stride_logits_t + logical * stride_logits_e
         if PACKED_TOP_K:
             # The packed keys hold the chosen logits (the exact redo's keys too).
             x_chosen = _ordered_to_float(chosen >> 16, logits_ptr.dtype.element_ty)
         elif HAS_BIAS:
             # The keys hold biased scores: the weights come from the logits re-read.
+            chosen_logits = logits_ptr + token2 * stride_logits_t + logical * stride_logits_e
             x_chosen = tl.load(chosen_logits, mask=out_mask, other=0.0).to(tl.float32)
         if not (PACKED_TOP_K or HAS_BIAS):
             # int64 keys without a bias hold the scores themselves, rounded as eager's.
