@@ -286,6 +286,13 @@ def _cases():
         num_experts=32, top_k=4, num_tokens=37, scoring="sigmoid", bias=True, groups=4,
         topk_group=2, eplb=True, policy="modulo", small_tiles=True, workspace=True, ties=True,
     )  # fmt: skip
+    # Tiles of four slots or more per expert of the table (8 tokens x 8 slots, 16
+    # experts): the replica is a remainder from the program's reciprocals of the counts.
+    for policy in ("token_hash", "modulo"):
+        cases[f"reciprocals_{policy}_corrupt_map_workspace_padded"] = dict(
+            num_experts=16, top_k=8, num_tokens=37, eplb=True, policy=policy, small_tiles=True,
+            block_tokens=8, corrupt=True, workspace=True, unpadded=29, ties=True,
+        )  # fmt: skip
     cases["workspace_counts_one_tile_per_program"] = dict(
         num_experts=20, top_k=3, num_tokens=9, eplb=True, small_tiles=True, workspace=True
     )
@@ -327,6 +334,7 @@ def _run_case(
     record=True,
     corrupt=False,
     small_tiles=False,
+    block_tokens=4,
     strided=False,
     indices="int32",
     via_op=False,
@@ -399,6 +407,7 @@ def _run_case(
             l2p[1, 0] = num_physical + 3  # outside [0, P): returned, never counted
             l2p[2, 0] = -5
             counts[3] = 9  # more replicas than map slots: clamped to 4
+            counts[4] = 0  # fewer than one: clamped to 1
         backing = torch.full((num_physical + 16,), 7, dtype=getattr(torch, load_dtype))
         state = EplbLayerState(
             expert_load_view=backing[8 : 8 + num_physical],
@@ -431,7 +440,7 @@ def _run_case(
             shape["table_entries"] = table_entries
         _routing_kernels.set_config_override(
             _routing_kernels.RouteKernelConfig(
-                block_tokens=4, num_warps=1, programs_per_sm=1, **shape
+                block_tokens=block_tokens, num_warps=1, programs_per_sm=1, **shape
             )
         )
     if one_token_programs:
@@ -681,6 +690,42 @@ def _check_packed_keys(dtype: str) -> None:
     assert high[order][zeros].diff().tolist() == [1]
 
 
+def _check_remainder() -> None:
+    """``_remainder`` from reciprocals against exact remainders, for the smallest and
+    largest dividends and divisors and random ones between. (The kernel finds
+    ``_routing_kernels`` among this module's globals, as in ``_packed_keys_kernel``.)"""
+    global _routing_kernels
+    import numpy as np
+    import torch
+    import triton
+    import triton.language as tl
+
+    from moe_compile.custom_ops import _routing_kernels
+
+    @triton.jit
+    def remainder_kernel(n_ptr, divisor_ptr, out_ptr, N: tl.constexpr):
+        index = tl.arange(0, N)
+        n = tl.load(n_ptr + index).to(tl.uint32, bitcast=True)
+        divisor = tl.load(divisor_ptr + index).to(tl.uint32, bitcast=True)
+        reciprocal = tl.full(divisor.shape, 0xFFFFFFFF, tl.uint32) // divisor
+        remainder = _routing_kernels._remainder(n, divisor, reciprocal, True)
+        tl.store(out_ptr + index, remainder.to(tl.int32, bitcast=True))
+
+    edges = [0, 1, 2, 3, 7, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]
+    divisors = [*range(1, 65), 255, 256, 257, 2**16 + 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1]
+    n, d = (np.array(a, dtype=np.uint64).ravel() for a in np.meshgrid(edges, divisors))
+    rng = np.random.default_rng(5)
+    size = 4096
+    n = np.concatenate([n, rng.integers(0, 2**32, size - n.size)]).astype(np.uint32)
+    d = np.concatenate([d, rng.integers(1, 300, size - d.size)]).astype(np.uint32)
+    out = np.zeros_like(n)
+    as_tensor = lambda a: torch.from_numpy(a.view(np.int32))  # noqa: E731
+    remainder_kernel[(1,)](as_tensor(n), as_tensor(d), as_tensor(out), N=size)
+    expected = n.astype(np.uint64) % d.astype(np.uint64)
+    wrong = np.flatnonzero(out.astype(np.uint64) != expected)
+    assert wrong.size == 0, f"{n[wrong[:3]]} % {d[wrong[:3]]}: {out[wrong[:3]]}"
+
+
 def _main() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from moe_compile.custom_ops import _routing_kernels
@@ -691,6 +736,7 @@ def _main() -> None:
     checks = {name: lambda kwargs=kwargs: _run_case(**kwargs) for name, kwargs in CASES.items()}
     for dtype in KEY_DTYPES:
         checks[f"packed_keys_{dtype}"] = lambda dtype=dtype: _check_packed_keys(dtype)
+    checks["remainder"] = _check_remainder
     for name, check in checks.items():
         try:
             check()
@@ -729,6 +775,10 @@ def test_kernel_matches_reference_under_interpreter(interpreted_results, name):
 def test_packed_keys_order_every_16_bit_value(interpreted_results, dtype):
     outcome = interpreted_results[f"packed_keys_{dtype}"]
     assert outcome == "ok", outcome
+
+
+def test_remainder_from_reciprocals(interpreted_results):
+    assert interpreted_results["remainder"] == "ok", interpreted_results["remainder"]
 
 
 if __name__ == "__main__":
