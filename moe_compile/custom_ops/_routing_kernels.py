@@ -749,6 +749,7 @@ def _route_tiles(
     TABLE_EXPERTS: tl.constexpr,
     TABLE_REPLICAS: tl.constexpr,
     WORKSPACE_COUNTS: tl.constexpr,
+    DEFERRED_COUNTS: tl.constexpr,
     load_counts,
     expert_counts,
 ):
@@ -833,7 +834,8 @@ def _route_tiles(
         if use_workspace:
             tl.store(own_counters + tl.arange(0, LOAD_BINS), tl.zeros_like(load_counts))
             tl.debug_barrier()  # zeroed before any thread of the program adds to them
-        pending = tl.full([BLOCK_T, TOP_K_PAD], LOAD_BINS, tl.int32)
+        if DEFERRED_COUNTS:
+            pending = tl.full([BLOCK_T, TOP_K_PAD], LOAD_BINS, tl.int32)
 
     for tile in range(pid, num_tiles, num_programs):
         token = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -844,11 +846,10 @@ def _route_tiles(
             logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
             LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
         )  # fmt: skip
-        if WORKSPACE_COUNTS and HAS_EPLB:
+        if WORKSPACE_COUNTS and HAS_EPLB and DEFERRED_COUNTS:
             if use_workspace and record_on and tile != pid:
-                # The previous tile's counts, issued once this tile's loads are: issued
-                # at the end of their own tile they delayed the next tile's loads
-                # (H100, E=256: 31.2 -> 30.0 us at 65536 tokens).
+                # The previous tile's counts, behind this tile's loads (see
+                # RouteKernelConfig.deferred_counts).
                 tl.atomic_add(
                     own_counters + pending, tl.full(pending.shape, 1, tl.int32), sem="relaxed"
                 )
@@ -994,9 +995,14 @@ def _route_tiles(
                 # Slots not counted add to a spare counter rather than being masked:
                 # the mask's layout change cost two barriers per tile (H100, E=256,
                 # 65536 tokens: 31.3 -> 30.8 us with the reciprocals, but 31.7 -> 33.0
-                # without them, same run: ptxas schedules the two differently). The
-                # atomics are issued in the next iteration.
-                pending = tl.where(counted, physical, LOAD_BINS).to(tl.int32)
+                # without them, same run: ptxas schedules the two differently).
+                counter = tl.where(counted, physical, LOAD_BINS).to(tl.int32)
+                if DEFERRED_COUNTS:
+                    pending = counter  # added in the next iteration
+                elif record_on:  # (else every slot would add to the spare counter)
+                    tl.atomic_add(
+                        own_counters + counter, tl.full(counter.shape, 1, tl.int32), sem="relaxed"
+                    )
             else:
                 load_counts += tl.histogram(
                     tl.reshape(tl.where(counted, physical, 0).to(tl.int32), [BLOCK_T * TOP_K_PAD]),
@@ -1038,7 +1044,7 @@ def _route_tiles(
                 expert_counts += _bin_counts(shared_ids, shared_mask, num_count_bins, COUNT_BINS)
     if WORKSPACE_COUNTS and HAS_EPLB:
         if use_workspace:
-            if record_on:  # the last tile's counts
+            if DEFERRED_COUNTS and record_on:  # the last tile's counts
                 tl.atomic_add(
                     own_counters + pending, tl.full(pending.shape, 1, tl.int32), sem="relaxed"
                 )
@@ -1113,6 +1119,7 @@ def _route_kernel(
     TABLE_EXPERTS: tl.constexpr,
     TABLE_REPLICAS: tl.constexpr,
     WORKSPACE_COUNTS: tl.constexpr,
+    DEFERRED_COUNTS: tl.constexpr,
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
@@ -1131,7 +1138,7 @@ def _route_kernel(
                 SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS,
                 COUNT_BINS, LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
                 PACKED_TOP_K, PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS,
-                load_counts, expert_counts
+                DEFERRED_COUNTS, load_counts, expert_counts
             )  # fmt: skip
         else:
             load_counts, expert_counts = _route_tiles(
@@ -1144,7 +1151,8 @@ def _route_kernel(
                 OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS,
                 RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T,
                 REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
-                TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS, load_counts, expert_counts
+                TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS, DEFERRED_COUNTS, load_counts,
+                expert_counts
             )  # fmt: skip
     else:
         load_counts, expert_counts = _route_tiles(
@@ -1157,7 +1165,7 @@ def _route_kernel(
             N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
             LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
             PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS,
-            WORKSPACE_COUNTS, load_counts, expert_counts
+            WORKSPACE_COUNTS, DEFERRED_COUNTS, load_counts, expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB and not SLOT_ATOMICS:  # (the launcher gives per-slot atomics one layout)
@@ -1213,6 +1221,15 @@ class RouteKernelConfig:
     """EPLB, with a load histogram of at least this many bins (0: never): programs of
     several tiles count the load in their own counters in a global workspace rather than
     in a histogram in registers (either is flushed with one atomic per touched expert)."""
+    deferred_counts: bool = False
+    """With the workspace and one layout: where the tiles outnumber the programs, a
+    kernel that issues each tile's workspace atomics in the next iteration, behind
+    that tile's loads (issued at the end of their own tile, they delayed them); with
+    one tile per program, the kernel without it. E=256 large launch, H100 same runs:
+    31.23 -> 30.05 and 31.30 -> 30.24 us at 65536 tokens; in one kernel for both, the
+    histogram path at 16384 lost 11.98 -> 12.13 (ptxas schedules it differently), and
+    two kernels each without the other's path lost both (12.51, 31.88). The grouped
+    launch lost with it (107.98 -> 109.37, 105.37 -> 109.20 at 65536), so it is off there."""
 
 
 _config_override: RouteKernelConfig | None = None
@@ -1287,6 +1304,7 @@ def default_config(
             programs_per_sm=1,
             lane_experts=16,
             workspace_from_bins=512,
+            deferred_counts=True,
         )
         if one_token_below >= eight_rows_from:  # a small-tile layout would never run
             config = RouteKernelConfig(
@@ -1491,11 +1509,10 @@ def launch_route_kernel(
             )
         else:  # LARGE_BLOCK_T = 0 compiles the second layout out
             layouts |= {f"LARGE_{name}": 0 for name in layouts}
-        num_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
+        all_tiles = (num_tokens + config.block_tokens - 1) // config.block_tokens
         capped = persistent and config.programs_per_sm > 0
         cap = _multiprocessor_count(router_logits.device) * config.programs_per_sm
-        if capped:
-            num_tiles = torch.sym_min(num_tiles, cap)
+        num_tiles = torch.sym_min(all_tiles, cap) if capped else all_tiles
         one_token_programs = (
             config.block_tokens == 1
             and not config.large_block_tokens
@@ -1510,23 +1527,40 @@ def launch_route_kernel(
             # A known token count (eager, or a graph specialized on it) that another
             # launch serves: neither compile nor launch this one.
             return
+        use_workspace = capped and eplb is not None and 0 < config.workspace_from_bins <= load_bins
         workspace = {}
-        if capped and eplb is not None and 0 < config.workspace_from_bins <= load_bins:
+        if use_workspace:
             workspace["workspace_ptr"] = router_logits.new_empty(
                 cap * (load_bins + _WORKSPACE_EXTRA.value), dtype=torch.int32
             )
-        kernel[(grid,)](
-            **(arguments | workspace),
-            **layouts,
-            PACKED_TOP_K=packed_top_k and config.packed_top_k,
-            large_from_tokens=config.large_from_tokens,
-            SLOT_ATOMICS=slot_atomics,
-            WORKSPACE_COUNTS=bool(workspace),
-            # otherwise two dependent global reads per slot
-            TABLE_REPLICAS=table_replicas
-            if table_experts * table_replicas <= config.table_entries
-            else 0,
-            num_warps=config.num_warps,
-        )
+
+        def launch_kernel(grid, deferred_counts: bool) -> None:
+            if isinstance(grid, int) and grid == 0:  # (as above)
+                return
+            kernel[(grid,)](
+                **(arguments | workspace),
+                **layouts,
+                PACKED_TOP_K=packed_top_k and config.packed_top_k,
+                large_from_tokens=config.large_from_tokens,
+                SLOT_ATOMICS=slot_atomics,
+                WORKSPACE_COUNTS=use_workspace,
+                DEFERRED_COUNTS=deferred_counts,
+                # otherwise two dependent global reads per slot
+                TABLE_REPLICAS=table_replicas
+                if table_experts * table_replicas <= config.table_entries
+                else 0,
+                num_warps=config.num_warps,
+            )
+
+        if use_workspace and config.deferred_counts and not config.large_block_tokens:
+            # Programs of several tiles issue each tile's workspace atomics in the next
+            # iteration; one tile per program, the kernel compiled without that (see
+            # RouteKernelConfig.deferred_counts). Two kernels, one launched: 1 when the
+            # tiles outnumber the programs, else 0 (arithmetic: no guard on the count).
+            several = torch.sym_min(1, torch.sym_max(0, all_tiles - cap))
+            launch_kernel(grid * (1 - several), False)
+            launch_kernel(grid * several, True)
+        else:
+            launch_kernel(grid, False)
 
     launch(config, 1)

@@ -71,10 +71,13 @@ def test_kernel_compiles_for_sm90(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("num_tokens", "num_warps"), [(5, 1), (4000, 4), (8192, 8)])
+@pytest.mark.parametrize(
+    ("num_tokens", "num_warps"), [(5, 1), (4000, 4), (8192, 8), (16896, 8), (16897, 8)]
+)
 def test_one_launch_runs_per_call_and_its_tile_loop_is_found(monkeypatch, num_tokens, num_warps):
     # The EPLB launches, shaped for an H100: one-token programs (atomics per slot), the
-    # middle ones, from 8192 tokens on. Each one's tile loop reads the logits and sorts.
+    # middle ones, from 8192 tokens on (one program per SM: a tile each up to 132 * 128
+    # tokens, then several). Each one's tile loop reads the logits and sorts.
     monkeypatch.setattr(_routing_kernels, "_multiprocessor_count", lambda _: H100_MULTIPROCESSORS)
     dtype, width, top_k, _, options, policy = CASES["packed_softmax_E256_k8_eplb_token_hash"]
     logits = torch.zeros(num_tokens, width, dtype=dtype)
@@ -95,6 +98,8 @@ def test_one_launch_runs_per_call_and_its_tile_loop_is_found(monkeypatch, num_to
         # their workspace counters, with atomics whose result nothing waits for (the
         # launch has no per-slot atomics otherwise).
         assert loop["REDG"] > 0
+    # Programs of several tiles issue each tile's workspace atomics in the next iteration.
+    assert arguments["DEFERRED_COUNTS"] is (num_tokens > H100_MULTIPROCESSORS * 128)
 
 
 @pytest.mark.parametrize("num_tokens", [5, 4000, 8192])

@@ -291,8 +291,22 @@ def _cases():
     for policy in ("token_hash", "modulo"):
         cases[f"reciprocals_{policy}_corrupt_map_workspace_padded"] = dict(
             num_experts=16, top_k=8, num_tokens=37, eplb=True, policy=policy, small_tiles=True,
-            block_tokens=8, corrupt=True, workspace=True, unpadded=29, ties=True,
+            block_tokens=8, corrupt=True, workspace="deferred", unpadded=29, ties=True,
         )  # fmt: skip
+    # Each tile's workspace atomics issued in the next iteration (programs of several
+    # tiles; with one tile each, the kernel without the deferral runs).
+    for policy in ("token_hash", "modulo"):
+        cases[f"deferred_workspace_counts_{policy}_corrupt_map_padded"] = dict(
+            num_experts=20, top_k=3, num_tokens=37, eplb=True, policy=policy, small_tiles=True,
+            corrupt=True, workspace="deferred", unpadded=29, ties=True,
+        )  # fmt: skip
+    cases["deferred_workspace_counts_record_off_counts_shared"] = dict(
+        num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
+        count_bins=40, workspace="deferred", record=False,
+    )  # fmt: skip
+    cases["deferred_workspace_counts_one_tile_per_program"] = dict(
+        num_experts=20, top_k=3, num_tokens=9, eplb=True, small_tiles=True, workspace="deferred"
+    )
     cases["workspace_counts_one_tile_per_program"] = dict(
         num_experts=20, top_k=3, num_tokens=9, eplb=True, small_tiles=True, workspace=True
     )
@@ -421,7 +435,11 @@ def _run_case(
 
     if small_tiles:
         # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
-        shape = dict(slot_atomics=slot_atomics, workspace_from_bins=32 if workspace else 0)
+        shape = dict(
+            slot_atomics=slot_atomics,
+            workspace_from_bins=32 if workspace else 0,
+            deferred_counts=workspace == "deferred",
+        )
         if large_from_tokens is not None:
             shape |= dict(
                 large_block_tokens=8,
