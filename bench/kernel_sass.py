@@ -17,9 +17,9 @@ Counts are static, a proxy for issue cost and not a timing: in the 2026-12-06 A/
 fewer instructions per key ran 20% slower.
 
 The layouts, and so the counts, are the installed Triton's: versions lay the same
-kernel out differently (E=256 EPLB large launch at 44b7907: Triton 3.9 gives 195
-registers, 73 barriers in the tile loop and 31.2 instructions per key, 3.6 gives
-255, 22 and 22.7). To see what the device compiles, run this under its Triton (``triton==3.6.0``).
+kernel out differently (E=256 EPLB large launch at 17e319c, its kernel for programs
+of several tiles: Triton 3.9 gives 184 registers, 71 barriers in the tile loop and
+30.5 instructions per key, 3.6 gives 255, 20 and 22.0). To see what the device compiles, run this under its Triton (``triton==3.6.0``).
 """
 
 from __future__ import annotations

@@ -776,7 +776,7 @@ def main(argv=None) -> int:
         print("\n== opcheck on CUDA")
         checks += opcheck_all(device)
         print("\n== correctness against the eager routers")
-        check_tokens = (1, 7, 128, 4099) if args.quick else (1, 7, 128, 1024, 4099, 16384)
+        check_tokens = (1, 7, 128, 4099) if args.quick else (1, 7, 128, 1024, 4099, 16384, 40000)
         if args.cpu_dry_run:
             check_tokens = (1, 7)
         for case in CASES:
