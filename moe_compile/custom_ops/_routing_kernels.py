@@ -49,12 +49,17 @@ hold the logit (packed) or the score (int64, no bias); otherwise from the logit
 re-read), the zero-expert masking (``NUM_REAL_EXPERTS < E_ROUTED``), with EPLB
 the physical id, then the shared-expert columns. With EPLB each program reads the
 replica counts and the map once (``TABLE_REPLICAS``) and gathers each slot's
-entries from that copy on chip, instead of two dependent global reads per slot.
+entries from that copy on chip, instead of two dependent global reads per slot;
+where tiles are large, the counts sit beside their reciprocals, so a slot's
+replica needs no division (``RECIPROCALS``).
 The load is counted into a per-program histogram over the physical experts; each
 program adds it with one atomic per touched expert after its last tile (with EPLB
-the grid is a few programs per SM). Programs of one token count each slot with an
-atomic (``SLOT_ATOMICS``): a token's experts are distinct, and so are their
-replicas, so that too is one atomic per touched expert.
+the grid is a few programs per SM). Programs of several tiles count into their
+own counters in a global workspace instead (``WORKSPACE_COUNTS``), each tile's
+atomics issued behind the next tile's loads in the large launch
+(``DEFERRED_COUNTS``). Programs of one token count each slot with an atomic
+(``SLOT_ATOMICS``): a token's experts are distinct, and so are their replicas,
+so that too is one atomic per touched expert.
 
 Two layouts (``LARGE_*``). The persistent grid (EPLB or counts) leaves few
 warps per SM, so from ``large_from_tokens`` on, the kernel routes with a second
