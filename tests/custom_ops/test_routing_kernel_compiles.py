@@ -145,3 +145,68 @@ def test_the_load_is_counted_per_slot_only_by_one_token_programs(
     assert arguments["SLOT_ATOMICS"] is per_slot
     if per_slot:
         assert arguments["BLOCK_T"] == 1 and int(grid[0]) == num_tokens
+
+
+def _symbolic_launches(case: str):
+    """Every launch made for a token count that is a symbol (as under ``torch.compile``
+    with dynamic tokens), the symbol, and the guards the launcher added on it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    dtype, width, top_k, has_bias, options, policy = CASES[case]
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    logits = mode.from_tensor(
+        torch.zeros(64, width, dtype=dtype),
+        symbolic_context=StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]
+        ),
+    )
+    with mode:
+        bias = torch.zeros(width) if has_bias else None
+        launches = kernel_sass.capture_launches(
+            logits, bias, top_k, eplb_policy=policy, keep_empty=True, **(COMMON | options)
+        )
+    return launches, logits.shape[0].node.expr, shape_env.guards
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "packed_softmax_E256_k8_eplb_token_hash",
+        "packed_softmax_raw_E8_k2_eplb_modulo",
+        "grouped_sigmoid_bias_E256_g8_k8_eplb_modulo",
+    ],
+)
+def test_symbolic_token_count_runs_the_launch_a_known_count_runs(monkeypatch, case):
+    # One graph serves every batch size: under a symbolic token count every launch is
+    # in it, each grid arithmetic on the count with no guard, and for each count
+    # exactly one grid is not empty: the launch a known count makes, same grid and
+    # same constexprs (H100: decode, middle, then the large launch's kernels for one
+    # tile and for several tiles per program).
+    monkeypatch.setattr(_routing_kernels, "_multiprocessor_count", lambda _: H100_MULTIPROCESSORS)
+    launches, symbol, guards = _symbolic_launches(case)
+    assert not guards
+    constexprs = {p.name for p in kernel_sass.KERNEL.params if p.is_constexpr}
+    dtype, width, top_k, has_bias, options, policy = CASES[case]
+    for num_tokens in (1, 2, 511, 512, 3071, 3072, 8191, 8192, 16896, 16897, 65536):
+        grids = [
+            int(grid[0].node.expr.subs(symbol, num_tokens))
+            if isinstance(grid[0], torch.SymInt)
+            else int(grid[0])
+            for grid, _ in launches
+        ]
+        running = [index for index, grid in enumerate(grids) if grid > 0]
+        assert len(running) == 1, (num_tokens, grids)
+        bias = torch.zeros(width) if has_bias else None
+        ((known_grid, known_arguments),) = kernel_sass.capture_launches(
+            torch.zeros(num_tokens, width, dtype=dtype), bias, top_k, eplb_policy=policy,
+            **(COMMON | options),
+        )  # fmt: skip
+        arguments = launches[running[0]][1]
+        assert grids[running[0]] == int(known_grid[0])
+        assert {n: arguments[n] for n in constexprs} == {n: known_arguments[n] for n in constexprs}
