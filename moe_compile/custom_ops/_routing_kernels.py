@@ -687,6 +687,13 @@ def _remainder(n, divisor, reciprocal, RECIPROCALS: tl.constexpr):
 
 
 @triton.jit
+def _add_one_each(counters, index):
+    """``counters[index] += 1`` for every element: a program's own workspace counters,
+    whose atomics nothing waits for."""
+    tl.atomic_add(counters + index, tl.full(index.shape, 1, tl.int32), sem="relaxed")
+
+
+@triton.jit
 def _gather_slots(table, index):
     """``table[index]`` for a 1-D on-chip table and a 2-D index (``tl.gather`` wants
     equal ranks)."""
@@ -855,9 +862,7 @@ def _route_tiles(
             if use_workspace and record_on and tile != pid:
                 # The previous tile's counts, behind this tile's loads (see
                 # RouteKernelConfig.deferred_counts).
-                tl.atomic_add(
-                    own_counters + pending, tl.full(pending.shape, 1, tl.int32), sem="relaxed"
-                )
+                _add_one_each(own_counters, pending)
 
         # ---- selection
         if PACKED_TOP_K:
@@ -1005,9 +1010,7 @@ def _route_tiles(
                 if DEFERRED_COUNTS:
                     pending = counter  # added in the next iteration
                 elif record_on:  # (else every slot would add to the spare counter)
-                    tl.atomic_add(
-                        own_counters + counter, tl.full(counter.shape, 1, tl.int32), sem="relaxed"
-                    )
+                    _add_one_each(own_counters, counter)
             else:
                 load_counts += tl.histogram(
                     tl.reshape(tl.where(counted, physical, 0).to(tl.int32), [BLOCK_T * TOP_K_PAD]),
@@ -1050,9 +1053,7 @@ def _route_tiles(
     if WORKSPACE_COUNTS and HAS_EPLB:
         if use_workspace:
             if DEFERRED_COUNTS and record_on:  # the last tile's counts
-                tl.atomic_add(
-                    own_counters + pending, tl.full(pending.shape, 1, tl.int32), sem="relaxed"
-                )
+                _add_one_each(own_counters, pending)
             tl.debug_barrier()  # every thread's additions are done
             load_counts += tl.load(own_counters + tl.arange(0, LOAD_BINS), volatile=True)
     return load_counts, expert_counts
@@ -1532,9 +1533,11 @@ def launch_route_kernel(
             # A known token count (eager, or a graph specialized on it) that another
             # launch serves: neither compile nor launch this one.
             return
-        use_workspace = capped and eplb is not None and 0 < config.workspace_from_bins <= load_bins
+        workspace_counts = (
+            capped and eplb is not None and 0 < config.workspace_from_bins <= load_bins
+        )
         workspace = {}
-        if use_workspace:
+        if workspace_counts:
             workspace["workspace_ptr"] = router_logits.new_empty(
                 cap * (load_bins + _WORKSPACE_EXTRA.value), dtype=torch.int32
             )
@@ -1548,7 +1551,7 @@ def launch_route_kernel(
                 PACKED_TOP_K=packed_top_k and config.packed_top_k,
                 large_from_tokens=config.large_from_tokens,
                 SLOT_ATOMICS=slot_atomics,
-                WORKSPACE_COUNTS=use_workspace,
+                WORKSPACE_COUNTS=workspace_counts,
                 DEFERRED_COUNTS=deferred_counts,
                 # otherwise two dependent global reads per slot
                 TABLE_REPLICAS=table_replicas
@@ -1557,7 +1560,7 @@ def launch_route_kernel(
                 num_warps=config.num_warps,
             )
 
-        if use_workspace and config.deferred_counts and not config.large_block_tokens:
+        if workspace_counts and config.deferred_counts and not config.large_block_tokens:
             # Programs of several tiles issue each tile's workspace atomics in the next
             # iteration; one tile per program, the kernel compiled without that (see
             # RouteKernelConfig.deferred_counts). Two kernels, one launched: 1 when the
