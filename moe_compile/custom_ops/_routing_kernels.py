@@ -22,8 +22,9 @@ on equal scores, the lower index (as eager ``topk`` does):
   two per register with a byte permute. Softmax ranks like the logits except where
   float32 rounding makes distinct logits' scores equal, which needs logits
   within about 2e-5 of each other: only near zero (``-0.0`` and ``+0.0`` too), or
-  where scores underflow. Tiles where a chosen logit is within 2**-7 (bf16) /
-  2**-4 (fp16) of zero, not finite, or more than 80 below the first are redone
+  where scores underflow. Tiles where a chosen logit is near zero (within 2**-11
+  to 2**-7 for bf16, 2**-8 to 2**-4 for fp16, growing with the chosen logits'
+  span: ``_packed_suspect``), not finite, or more than 80 below the first are redone
   with int64 keys (by ``TOP_K`` row maxima in a loop, in sub-tiles of one row per
   warp: little code and few registers for a rare path, so the common path keeps
   its occupancy); the redo writes the packed keys of its picks, so the chosen
@@ -555,22 +556,44 @@ def _selection_keys(
 @triton.jit
 def _packed_suspect(chosen, last, first, LOGITS_DTYPE: tl.constexpr):
     """Rows whose packed choice may differ from the float32 one (see the module doc): a
-    chosen logit near zero, a non-finite one (those sort to the ends: ``first`` or
-    ``last``), or chosen scores far enough apart to underflow. Padding keys hold the
-    largest magnitude, so they never look near zero."""
+    chosen logit too near zero for the row's span, a non-finite one (those sort to the
+    ends: ``first`` or ``last``), or chosen scores far enough apart to underflow.
+    Padding keys hold the largest magnitude, so they never look near zero.
+
+    Eager computes ``exp(x - max)``, and the subtraction rounds to the float32 ulp of
+    ``x - max``, which the span bounds. With a span in ``[2**s, 2**(s + 1))`` and every
+    chosen logit at least ``2**max(s + MANTISSA - 20, MANTISSA - 18)`` from zero, a
+    chosen logit and any other distinct logit are at least twice that ulp and at least
+    ``2**-19`` apart, which leaves more than ``2**-20`` after the subtraction rounds:
+    more than exp's error (2 ulps) and the division's rounding can close, so their
+    scores stay distinct and in order. ``s = 6`` gives the old fixed bounds, ``2**-7``
+    (bf16) and ``2**-4`` (fp16); a span below 8 lowers them 16-fold. (On the CPU,
+    eager's first ties lie 8-fold below the bound.)"""
     if LOGITS_DTYPE == tl.bfloat16:
-        TINY: tl.constexpr = 0x3C00  # 2**-7: bf16 neighbours there are 2**-15 apart
+        MANTISSA: tl.constexpr = 7
+        EXPONENT_BIAS: tl.constexpr = 127
         HUGE: tl.constexpr = 0x7F80  # inf
     else:
-        TINY: tl.constexpr = 0x2C00  # 2**-4 in float16
+        MANTISSA: tl.constexpr = 10
+        EXPONENT_BIAS: tl.constexpr = 15
         HUGE: tl.constexpr = 0x7C00
-    # A key's high half is its logit's magnitude bits, negated for a negative logit.
-    near_zero = tl.min(tl.abs(chosen >> 16), axis=1) < TINY
     high = first >> 16
     low = last >> 16
-    not_finite = (tl.abs(high) >= HUGE) | (tl.abs(low) >= HUGE)
+    not_finite = (_magnitude_bits(high) >= HUGE) | (_magnitude_bits(low) >= HUGE)
     span = _ordered_to_float(high, LOGITS_DTYPE) - _ordered_to_float(low, LOGITS_DTYPE)
+    # floor(log2(span)) from its float32 exponent field (a span of 0 gives -127)
+    span_exponent = ((span.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    tiny_exponent = tl.maximum(span_exponent + MANTISSA - 20, MANTISSA - 18)
+    tiny = (tiny_exponent + EXPONENT_BIAS) << MANTISSA
+    near_zero = tl.min(_magnitude_bits(chosen >> 16), axis=1) < tiny
     return near_zero | not_finite | (span > 80.0)
+
+
+@triton.jit
+def _magnitude_bits(ordered):
+    """A 16-bit float's magnitude bits from its ordered form (:func:`_ordered_high_half`,
+    shifted down), where a negative value's are inverted."""
+    return ordered ^ (ordered >> 31)
 
 
 @triton.jit

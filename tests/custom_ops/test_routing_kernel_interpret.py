@@ -96,6 +96,14 @@ def _cases():
             num_experts=64, top_k=3, num_tokens=70, special="collide", eplb=True
         ),
         "packed_signed_zero_ties": dict(num_experts=16, top_k=3, num_tokens=4, special="zeros"),
+        # Chosen logits at the near-zero bound (not redone), their neighbours one step
+        # toward zero at lower indices: were their scores equal, eager would pick those.
+        "packed_at_the_near_zero_bound": dict(
+            num_experts=16, top_k=4, num_tokens=14, special="bound"
+        ),
+        "packed_fp16_at_the_near_zero_bound": dict(
+            num_experts=16, top_k=4, num_tokens=14, special="bound", dtype="float16"
+        ),
         "packed_fp16_colliding_tiny_logits": dict(
             num_experts=16, top_k=3, num_tokens=6, special="collide", dtype="float16"
         ),
@@ -378,7 +386,7 @@ def _run_case(
     else:
         logits = torch.randn(num_tokens, width, generator=generator) * 2
     if special is not None:
-        logits = _special_logits(special, num_tokens, width, generator, dtype == "bfloat16")
+        logits = _special_logits(special, num_tokens, width, generator, dtype)
     logits = logits.to(getattr(torch, dtype))
     if special in ("collide", "underflow"):
         # The data must defeat ranking by logit value, or the fallback is untested.
@@ -614,10 +622,27 @@ def _state_args(state, policy):
     )
 
 
-def _special_logits(kind, num_tokens, width, generator, bf16):
+def _special_logits(kind, num_tokens, width, generator, dtype):
     import torch
 
+    bf16 = dtype == "bfloat16"
     logits = torch.full((num_tokens, width), -1.0)
+    if kind == "bound":
+        # Rows of a first logit and four adjacent 16-bit values near zero (see
+        # adjacent_rows), the highest of the four at the highest index.
+        firsts = torch.tensor([0.75, 3.0, 6.0, 12.0, 24.0, 48.0, 72.0])[
+            torch.arange(num_tokens) % 7
+        ]
+        negative = (torch.arange(num_tokens) // 7) % 2 == 1
+        torch_dtype = getattr(torch, dtype)
+        bound = near_zero_bound(firsts, torch_dtype).to(torch_dtype)
+        adjacent = adjacent_rows(torch.where(negative, -bound, bound), steps=4)
+        logits = torch.full((num_tokens, width), -20.0)
+        for row in range(num_tokens):
+            spots = torch.randperm(width, generator=generator)[:5].sort().values
+            logits[row, spots[0]] = firsts[row]
+            logits[row, spots[1:]] = adjacent[row].flip(0).float()
+        return logits
     for row in range(num_tokens):
         spots = torch.randperm(width, generator=generator)[:4].sort().values.tolist()
         if kind == "collide":
@@ -639,6 +664,36 @@ def _special_logits(kind, num_tokens, width, generator, bf16):
             logits[row, spots[2]] = -0.0
             logits[row, spots[3]] = 0.5
     return logits
+
+
+def near_zero_bound(span, dtype):
+    """The smallest magnitude every chosen logit must have for the packed top-k to
+    stand (``_packed_suspect``), for rows whose chosen logits span ``span``."""
+    import torch
+
+    mantissa = 7 if dtype == torch.bfloat16 else 10
+    exponent = torch.floor(torch.log2(span.float())) + mantissa - 20
+    return torch.exp2(torch.clamp(exponent, min=mantissa - 18))
+
+
+def _next_magnitude(values, steps=1):
+    """The 16-bit values ``steps`` apart in magnitude (negative: toward zero)."""
+    import torch
+
+    return (values.view(torch.int16) + steps).view(values.dtype)
+
+
+def adjacent_rows(nearest, steps):
+    """``[rows, steps]`` adjacent 16-bit values in descending order: ``nearest`` (per row,
+    signed, not zero) and the ``steps - 2`` next ones away from zero, then the value
+    just below them all."""
+    import torch
+
+    chosen = [_next_magnitude(nearest, away) for away in range(steps - 1)]
+    chosen = torch.stack(chosen, 1).float().sort(1, descending=True).values.to(nearest.dtype)
+    lowest = chosen[:, -1]
+    below = torch.where(lowest > 0, _next_magnitude(lowest, -1), _next_magnitude(lowest))
+    return torch.cat([chosen, below[:, None]], 1)
 
 
 KEY_DTYPES = ("bfloat16", "float16")
@@ -744,6 +799,73 @@ def _check_remainder() -> None:
     assert wrong.size == 0, f"{n[wrong[:3]]} % {d[wrong[:3]]}: {out[wrong[:3]]}"
 
 
+def _check_near_zero_bound(dtype: str) -> None:
+    """``_packed_suspect`` on chosen logits at the near-zero bound and one step nearer
+    zero, over spans from 2**-2 to 80 and both signs: rows at the bound stand, rows
+    past it are redone. Eager's float32 softmax orders the rows at the bound strictly
+    (their neighbours, one step away, included), so not redoing them is safe; and
+    rows that are not finite, or span more than 80, are redone."""
+    global _routing_kernels
+    import torch
+    import triton
+    import triton.language as tl
+
+    from moe_compile.custom_ops import _routing_kernels
+
+    @triton.jit
+    def suspect_kernel(
+        chosen_ptr, out_ptr, ROWS: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr
+    ):
+        rows = tl.arange(0, ROWS)[:, None]
+        slots = tl.arange(0, K)[None, :]
+        keys = _routing_kernels._packed_key(
+            tl.load(chosen_ptr + rows * K + slots), slots, slots >= 0, True
+        )
+        first, last = tl.max(keys, axis=1), tl.min(keys, axis=1)
+        suspect = _routing_kernels._packed_suspect(keys, last, first, DTYPE)
+        tl.store(out_ptr + tl.arange(0, ROWS), suspect.to(tl.int32))
+
+    def suspect(chosen):
+        out = torch.empty(chosen.shape[0], dtype=torch.int32)
+        suspect_kernel[(1,)](
+            chosen.contiguous(),
+            out,
+            ROWS=chosen.shape[0],
+            K=chosen.shape[1],
+            DTYPE=getattr(tl, dtype),
+        )
+        return out.bool()
+
+    torch_dtype = getattr(torch, dtype)
+    rows = 256
+    generator = torch.Generator().manual_seed(3)
+    firsts = torch.exp2(torch.rand(rows, generator=generator) * 8.3 - 2).to(
+        torch_dtype
+    )  # 0.25 .. 79
+    negative = torch.arange(rows) % 2 == 1
+    bound = near_zero_bound(firsts, torch_dtype).to(torch_dtype)
+    at_bound = adjacent_rows(torch.where(negative, -bound, bound), steps=4)
+    chosen = torch.cat([firsts[:, None], at_bound[:, :3]], 1)
+    span = chosen[:, 0].float() - chosen[:, 3].float()
+    assert torch.equal(near_zero_bound(span, torch_dtype).to(torch_dtype), bound), (
+        "rows off the bound"
+    )
+    assert not suspect(chosen).any(), "rows at the bound redone"
+    past = adjacent_rows(_next_magnitude(torch.where(negative, -bound, bound), -1), steps=4)
+    assert suspect(torch.cat([firsts[:, None], past[:, :3]], 1)).all(), "rows past the bound kept"
+    # Eager's scores for the first, the chosen and the next value below them.
+    scores = torch.softmax(torch.cat([firsts[:, None], at_bound], 1).float(), dim=-1)
+    assert (scores.diff(dim=1) < 0).all(), "eager scores tie or invert at the bound"
+    inf = float("inf")
+    ends = [
+        [inf, 1.0, 0.5, 0.25],
+        [90.0, 5.0, 4.0, 3.0],
+        [1.0, 0.5, 0.25, -inf],
+        [79.0, 5.0, 4.0, 3.0],
+    ]
+    assert suspect(torch.tensor(ends, dtype=torch_dtype)).tolist() == [True, True, True, False]
+
+
 def _main() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from moe_compile.custom_ops import _routing_kernels
@@ -755,6 +877,8 @@ def _main() -> None:
     for dtype in KEY_DTYPES:
         checks[f"packed_keys_{dtype}"] = lambda dtype=dtype: _check_packed_keys(dtype)
     checks["remainder"] = _check_remainder
+    for dtype in KEY_DTYPES:
+        checks[f"near_zero_bound_{dtype}"] = lambda dtype=dtype: _check_near_zero_bound(dtype)
     for name, check in checks.items():
         try:
             check()
@@ -797,6 +921,12 @@ def test_packed_keys_order_every_16_bit_value(interpreted_results, dtype):
 
 def test_remainder_from_reciprocals(interpreted_results):
     assert interpreted_results["remainder"] == "ok", interpreted_results["remainder"]
+
+
+@pytest.mark.parametrize("dtype", KEY_DTYPES)
+def test_packed_top_k_stands_from_the_near_zero_bound(interpreted_results, dtype):
+    outcome = interpreted_results[f"near_zero_bound_{dtype}"]
+    assert outcome == "ok", outcome
 
 
 if __name__ == "__main__":
