@@ -55,12 +55,16 @@ where tiles are large, the counts sit beside their reciprocals, so a slot's
 replica needs no division (``RECIPROCALS``).
 The load is counted into a per-program histogram over the physical experts; each
 program adds it with one atomic per touched expert after its last tile (with EPLB
-the grid is a few programs per SM). Programs of several tiles count into their
+the grid is a few programs per SM), or, for large histograms into an int32 view,
+one 64-bit atomic per touched pair of experts (``PAIRED_LOAD``). Programs of several tiles count into their
 own counters in a global workspace instead (``WORKSPACE_COUNTS``), each tile's
 atomics issued behind the next tile's loads in the large launch
 (``DEFERRED_COUNTS``). Programs of one token count each slot with an atomic
 (``SLOT_ATOMICS``): a token's experts are distinct, and so are their replicas,
 so that too is one atomic per touched expert.
+
+Programs that route one tile (no grid cap: EPLB off) request its logits first
+(``ONE_TILE``), ahead of the bias.
 
 Two layouts (``LARGE_*``). The persistent grid (EPLB or counts) leaves few
 warps per SM, so from ``large_from_tokens`` on, the kernel routes with a second
@@ -699,6 +703,44 @@ def _add_counts_then_offsets(
 
 
 @triton.jit
+def _add_load(
+    load_ptr, stride_load, load_counts, num_physical, LOAD_BINS: tl.constexpr, PAIRED: tl.constexpr
+):
+    """Add a program's load histogram to the int32 (or int64, float32) load view: one
+    atomic per touched expert, or, ``PAIRED`` and into a contiguous, 8-byte aligned
+    int32 view, one 64-bit atomic per touched pair of experts (see
+    ``RouteKernelConfig.paired_load_from_bins``). A pair's low count carries into its
+    high one only where the low counter passes 2**32 - 1 (from a negative int32): the
+    old value the atomic returns shows it, and a second atomic takes the carry back, so
+    each counter ends as int32 addition leaves it."""
+    bin_ids = tl.arange(0, LOAD_BINS)
+    singles_from = 0
+    if PAIRED:
+        if (stride_load == 1) & (load_ptr.to(tl.int64) % 8 == 0):
+            low, high = tl.split(tl.reshape(load_counts, [LOAD_BINS // 2, 2]))
+            pair = tl.arange(0, LOAD_BINS // 2)
+            packed = (high.to(tl.int64) << 32) | low.to(tl.int64)
+            touched = (2 * pair + 1 < num_physical) & (packed != 0)
+            old = tl.atomic_add(
+                load_ptr.to(tl.pointer_type(tl.int64)) + pair, packed, mask=touched, sem="relaxed"
+            )
+            carried = touched & ((old & 0xFFFFFFFF) + low.to(tl.int64) > 0xFFFFFFFF)
+            tl.atomic_add(
+                load_ptr + 2 * pair + 1,
+                tl.full(pair.shape, -1, tl.int32),
+                mask=carried,
+                sem="relaxed",
+            )
+            singles_from = num_physical - num_physical % 2  # an odd count's last expert
+    tl.atomic_add(
+        load_ptr + bin_ids * stride_load,
+        load_counts.to(load_ptr.dtype.element_ty),
+        mask=(bin_ids >= singles_from) & (bin_ids < num_physical) & (load_counts > 0),
+        sem="relaxed",
+    )
+
+
+@triton.jit
 def _remainder(n, divisor, reciprocal, RECIPROCALS: tl.constexpr):
     """``n % divisor`` for uint32 operands. With ``RECIPROCALS``, from ``reciprocal =
     (2**32 - 1) // divisor``: the quotient it gives is short by at most one, which one
@@ -785,6 +827,7 @@ def _route_tiles(
     TABLE_REPLICAS: tl.constexpr,
     WORKSPACE_COUNTS: tl.constexpr,
     DEFERRED_COUNTS: tl.constexpr,
+    ONE_TILE: tl.constexpr,
     load_counts,
     expert_counts,
 ):
@@ -813,6 +856,18 @@ def _route_tiles(
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(num_tokens, BLOCK_T)
     picks_ptr = weights_ptr.to(tl.pointer_type(tl.int32))
+    if ONE_TILE:
+        # The program's only tile's logits, requested before the bias (and any other
+        # read the tile waits for). H100, same run, EPLB off: E=256 26.56 -> 25.11 us
+        # at 65536 tokens, 9.26 -> 9.07 at 16384; in the capped EPLB launches it lost
+        # (10.72 -> 10.86 at 12288), and the one-token EPLB programs lost 0.02 us at
+        # one token (2.82 -> 2.84) for as little from 128 tokens on, so they keep theirs.
+        first_token = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        first_x_raw = _load_lanes(
+            logits_ptr, first_token.to(tl.int64)[:, None] * stride_logits_t,
+            first_token < num_tokens, stride_logits_e,
+            LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
+        )  # fmt: skip
 
     lane = tl.arange(0, LANES)[None, :]
     experts = ()
@@ -877,10 +932,13 @@ def _route_tiles(
         is_token = token < num_tokens
         token2 = token.to(tl.int64)[:, None]
         out_mask = is_token[:, None] & is_slot
-        x_raw = _load_lanes(
-            logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
-            LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
-        )  # fmt: skip
+        if ONE_TILE:
+            x_raw = first_x_raw
+        else:
+            x_raw = _load_lanes(
+                logits_ptr, token2 * stride_logits_t, is_token, stride_logits_e,
+                LANES, MEMBERS_PER_LANE, NUM_GROUPS, GROUP_SIZE, SORT_WIDTH,
+            )  # fmt: skip
         if WORKSPACE_COUNTS and HAS_EPLB and DEFERRED_COUNTS:
             if use_workspace and record_on and tile != pid:
                 # The previous tile's counts, behind this tile's loads (see
@@ -1149,6 +1207,8 @@ def _route_kernel(
     TABLE_REPLICAS: tl.constexpr,
     WORKSPACE_COUNTS: tl.constexpr,
     DEFERRED_COUNTS: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+    PAIRED_LOAD: tl.constexpr,
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
@@ -1167,7 +1227,7 @@ def _route_kernel(
                 SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS,
                 COUNT_BINS, LARGE_BLOCK_T, LARGE_REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
                 PACKED_TOP_K, PRECISE_MATH, False, TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS,
-                DEFERRED_COUNTS, load_counts, expert_counts
+                DEFERRED_COUNTS, ONE_TILE, load_counts, expert_counts
             )  # fmt: skip
         else:
             load_counts, expert_counts = _route_tiles(
@@ -1180,8 +1240,8 @@ def _route_kernel(
                 OUT_WIDTH, HEADS, SORT_WIDTH, N_SHARED, N_SHARED_PAD, SCORING, HAS_BIAS,
                 RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED, LOAD_BINS, COUNT_BINS, BLOCK_T,
                 REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE, PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS,
-                TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS, DEFERRED_COUNTS, load_counts,
-                expert_counts
+                TABLE_EXPERTS, TABLE_REPLICAS, WORKSPACE_COUNTS, DEFERRED_COUNTS, ONE_TILE,
+                load_counts, expert_counts
             )  # fmt: skip
     else:
         load_counts, expert_counts = _route_tiles(
@@ -1194,17 +1254,11 @@ def _route_kernel(
             N_SHARED_PAD, SCORING, HAS_BIAS, RENORMALIZE, HAS_EPLB, TOKEN_HASH, HAS_UNPADDED,
             LOAD_BINS, COUNT_BINS, BLOCK_T, REDO_T, REDO_LANES, REDO_MEMBERS_PER_LANE,
             PACKED_TOP_K, PRECISE_MATH, SLOT_ATOMICS, TABLE_EXPERTS, TABLE_REPLICAS,
-            WORKSPACE_COUNTS, DEFERRED_COUNTS, load_counts, expert_counts
+            WORKSPACE_COUNTS, DEFERRED_COUNTS, ONE_TILE, load_counts, expert_counts
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB and not SLOT_ATOMICS:  # (the launcher gives per-slot atomics one layout)
-        bin_ids = tl.arange(0, LOAD_BINS)
-        tl.atomic_add(
-            load_ptr + bin_ids * stride_load,
-            load_counts.to(load_ptr.dtype.element_ty),
-            mask=(bin_ids < num_physical) & (load_counts > 0),
-            sem="relaxed",
-        )
+        _add_load(load_ptr, stride_load, load_counts, num_physical, LOAD_BINS, PAIRED_LOAD)
     if COUNT_BINS > 0:
         _add_counts_then_offsets(
             counts_ptr, offsets_ptr, expert_counts, num_count_bins, num_programs, COUNT_BINS
@@ -1250,6 +1304,16 @@ class RouteKernelConfig:
     """EPLB, with a load histogram of at least this many bins (0: never): programs of
     several tiles count the load in their own counters in a global workspace rather than
     in a histogram in registers (either is flushed with one atomic per touched expert)."""
+    paired_load_from_bins: int = 512
+    """With EPLB, a load histogram of at least this many bins (0: never) into an int32
+    view is added with 64-bit atomics on pairs of counters, half the atomics: every
+    program adds its histogram at the end, all at once, and they contend. H100, same
+    run (``routing_kernel_ab_paired_load_h100_2026-12-06.json``): E=256 EPLB 12.02 ->
+    11.18 us at 16384 tokens, 8.46 -> 7.95 at 4096, 30.47 -> 29.96 at 65536, grouped
+    33.56 -> 30.11 at 16384; E=128 (256 bins) lost, 9.77 -> 10.11 at 16384, and E=8
+    (16 bins) 3.56 -> 3.81 at 1024. (Without the carry check, atomics that return
+    nothing: 10.71 us at 16384, but a counter wrapping past -1 would add to its
+    neighbour.)"""
     deferred_counts: bool = False
     """With the workspace and one layout: where the tiles outnumber the programs, a
     kernel that issues each tile's workspace atomics in the next iteration, behind
@@ -1559,13 +1623,18 @@ def launch_route_kernel(
         workspace_counts = (
             capped and eplb is not None and 0 < config.workspace_from_bins <= load_bins
         )
+        paired_load = (
+            eplb is not None
+            and load.dtype == torch.int32
+            and 0 < config.paired_load_from_bins <= load_bins
+        )
         workspace = {}
         if workspace_counts:
             workspace["workspace_ptr"] = router_logits.new_empty(
                 cap * (load_bins + _WORKSPACE_EXTRA.value), dtype=torch.int32
             )
 
-        def launch_kernel(grid, deferred_counts: bool) -> None:
+        def launch_kernel(grid, deferred_counts: bool, one_tile: bool) -> None:
             if isinstance(grid, int) and grid == 0:  # (as above)
                 return
             kernel[(grid,)](
@@ -1576,6 +1645,8 @@ def launch_route_kernel(
                 SLOT_ATOMICS=slot_atomics,
                 WORKSPACE_COUNTS=workspace_counts,
                 DEFERRED_COUNTS=deferred_counts,
+                ONE_TILE=one_tile,
+                PAIRED_LOAD=paired_load,
                 # otherwise two dependent global reads per slot
                 TABLE_REPLICAS=table_replicas
                 if table_experts * table_replicas <= config.table_entries
@@ -1589,9 +1660,9 @@ def launch_route_kernel(
             # RouteKernelConfig.deferred_counts). Two kernels, one launched: 1 when the
             # tiles outnumber the programs, else 0 (arithmetic: no guard on the count).
             several = torch.sym_min(1, torch.sym_max(0, all_tiles - cap))
-            launch_kernel(grid * (1 - several), False)
-            launch_kernel(grid * several, True)
+            launch_kernel(grid * (1 - several), False, False)
+            launch_kernel(grid * several, True, False)
         else:
-            launch_kernel(grid, False)
+            launch_kernel(grid, False, not capped and not slot_atomics)
 
     launch(config, 1)

@@ -147,6 +147,39 @@ def test_the_load_is_counted_per_slot_only_by_one_token_programs(
         assert arguments["BLOCK_T"] == 1 and int(grid[0]) == num_tokens
 
 
+@pytest.mark.parametrize("num_tokens", [1, 5, 4000, 16384, 65536])
+@pytest.mark.parametrize("eplb", [True, False])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "packed_softmax_E256_k8_eplb_token_hash",
+        "packed_softmax_raw_E8_k2_eplb_modulo",
+        "grouped_sigmoid_bias_E256_g8_k8_eplb_modulo",
+    ],
+)
+def test_one_tile_programs_and_paired_load_atomics_where_they_hold(
+    monkeypatch, case, eplb, num_tokens
+):
+    # ONE_TILE (a program's tile loaded before the rest) only where the grid has a
+    # program for every tile: no grid cap, so without EPLB (with it, the one-token
+    # programs keep their own code). The load in pairs of int32 counters from 512 bins.
+    monkeypatch.setattr(_routing_kernels, "_multiprocessor_count", lambda _: H100_MULTIPROCESSORS)
+    dtype, width, top_k, has_bias, options, policy = CASES[case]
+    bias = torch.zeros(width) if has_bias else None
+    ((grid, arguments),) = kernel_sass.capture_launches(
+        torch.zeros(num_tokens, width, dtype=dtype), bias, top_k,
+        eplb_policy=policy if eplb else None, **(COMMON | options),
+    )  # fmt: skip
+    block = arguments["BLOCK_T"]
+    if arguments["LARGE_BLOCK_T"] and num_tokens >= arguments["large_from_tokens"]:
+        block = arguments["LARGE_BLOCK_T"]
+    tiles = -(-num_tokens // block)
+    assert arguments["ONE_TILE"] is (not eplb)
+    assert int(grid[0]) >= tiles or not arguments["ONE_TILE"]
+    physical = width + 8  # capture_launches's EPLB state: 512 bins from 257 experts
+    assert arguments["PAIRED_LOAD"] is (eplb and physical > 256)
+
+
 def _symbolic_launches(case: str):
     """Every launch made for a token count that is a symbol (as under ``torch.compile``
     with dynamic tokens), the symbol, and the guards the launcher added on it."""

@@ -195,6 +195,22 @@ def _cases():
             num_experts=20, zero=4, top_k=3, num_tokens=4 if programs == "capped" else 17,
             bias=True, eplb=True, one_token_programs=programs,
         )  # fmt: skip
+    # The load added with 64-bit atomics on pairs of int32 counters (from 32 bins here):
+    # an odd number of physical experts (the last one alone), counters that wrap. A
+    # view 4 bytes off 8-byte alignment, other dtypes and (by default) fewer than 512
+    # bins take one atomic per expert.
+    pairs = dict(num_experts=10, top_k=3, num_tokens=37, eplb=True, small_tiles=True)
+    cases["load_pairs_odd_physical_wrapping"] = dict(
+        pairs, ties=True, load_start="wrapping", paired_from_bins=32, paired_load=True
+    )
+    cases["load_unaligned_view_wrapping"] = dict(
+        pairs, load_offset=9, load_start="wrapping", paired_from_bins=32, paired_load=False
+    )
+    cases["load_float32_histograms"] = dict(
+        pairs, load_dtype="float32", paired_from_bins=32, paired_load=False
+    )
+    cases["load_int64_histograms"] = dict(pairs, load_dtype="int64", paired_from_bins=32)
+    cases["load_below_paired_bins"] = dict(pairs, paired_load=False)
     cases["two_layouts_counts_shared"] = dict(
         num_experts=20, top_k=3, num_tokens=37, shared=1, eplb=True, small_tiles=True,
         count_bins=40, large_from_tokens=16,
@@ -352,6 +368,10 @@ def _run_case(
     eplb=False,
     policy="token_hash",
     load_dtype="int32",
+    load_offset=8,
+    load_start=None,
+    paired_load=None,
+    paired_from_bins=None,
     unpadded=None,
     record=True,
     corrupt=False,
@@ -430,16 +450,25 @@ def _run_case(
             l2p[2, 0] = -5
             counts[3] = 9  # more replicas than map slots: clamped to 4
             counts[4] = 0  # fewer than one: clamped to 1
-        backing = torch.full((num_physical + 16,), 7, dtype=getattr(torch, load_dtype))
+        backing = torch.full((num_physical + load_offset + 8,), 7, dtype=getattr(torch, load_dtype))
         state = EplbLayerState(
-            expert_load_view=backing[8 : 8 + num_physical],
+            expert_load_view=backing[load_offset : load_offset + num_physical],
             logical_to_physical_map=l2p,
             logical_replica_count=counts,
             should_record_tensor=torch.tensor(record),
             num_unpadded_tokens=None if unpadded is None else torch.tensor(unpadded),
         )
-        state.expert_load_view.zero_()
+        state.expert_load_view.copy_(start)
         return state, backing
+
+    start = torch.zeros(0)
+    if eplb:
+        start = torch.zeros(num_experts + num_experts // 2, dtype=getattr(torch, load_dtype))
+        if load_start == "wrapping":
+            # int32 counters about to wrap: past -1 (where a counter packed in the low
+            # half of a 64-bit atomic carries into its neighbour) and past 2**31 - 1.
+            pattern = torch.tensor([-1, -2, 2**31 - 1, 0, -7, 2**31 - 3], dtype=start.dtype)
+            start = pattern.repeat(start.numel() // pattern.numel() + 1)[: start.numel()]
 
     if small_tiles:
         # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
@@ -464,6 +493,8 @@ def _run_case(
             )
         if table_entries is not None:
             shape["table_entries"] = table_entries
+        if paired_from_bins is not None:
+            shape["paired_load_from_bins"] = paired_from_bins
         _routing_kernels.set_config_override(
             _routing_kernels.RouteKernelConfig(
                 block_tokens=block_tokens, num_warps=1, programs_per_sm=1, **shape
@@ -501,11 +532,14 @@ def _run_case(
     # Every program's atomics, (program, address), to check that none adds to one
     # expert's load twice (one atomic per touched expert per program).
     atomics = []
+    wide_atomics = []  # addresses of 64-bit atomics
     real_atomic = interpreter.InterpreterBuilder.create_atomic_rmw
 
     def recording_atomic(builder, op, ptr, value, mask, *rest):
         active = np.broadcast_to(mask.data, ptr.data.shape)
         atomics.extend((builder.grid_idx[0], int(a)) for a in ptr.data[active].ravel())
+        if ptr.dtype.element_ty.primitive_bitwidth == 64:
+            wide_atomics.extend(int(a) for a in ptr.data[active].ravel())
         return real_atomic(builder, op, ptr, value, mask, *rest)
 
     interpreter.InterpreterBuilder.create_atomic_rmw = recording_atomic
@@ -529,7 +563,7 @@ def _run_case(
         if eplb:
             state, backing = make_state()
             ref_state = EplbLayerState(
-                expert_load_view=torch.zeros_like(state.expert_load_view),
+                expert_load_view=start.clone(),
                 logical_to_physical_map=state.logical_to_physical_map,
                 logical_replica_count=state.logical_replica_count,
                 should_record_tensor=state.should_record_tensor,
@@ -558,7 +592,7 @@ def _run_case(
                 )
             load, ref_load = state.expert_load_view, ref_state.expert_load_view
             assert torch.equal(load, ref_load), f"load {load.tolist()} != {ref_load.tolist()}"
-            guard = torch.cat([backing[:8], backing[8 + load.numel() :]])
+            guard = torch.cat([backing[:load_offset], backing[load_offset + load.numel() :]])
             assert bool((guard == 7).all()), f"wrote outside expert_load_view: {backing.tolist()}"
             expected_total = 0
             if record:
@@ -566,12 +600,17 @@ def _run_case(
                 in_range = (physical >= 0) & (physical < load.numel())
                 rows = num_tokens if unpadded is None else min(unpadded, num_tokens)
                 expected_total = int(in_range[:rows].sum())
-            assert float(load.sum()) == expected_total
+            added = load - start if load_start is None else (load.long() - start.long()) % 2**32
+            assert float(added.sum()) == expected_total
             start = load.data_ptr()
             end = start + load.numel() * load.element_size()
             adds = collections.Counter(a for a in atomics if start <= a[1] < end)
             assert max(adds.values(), default=1) == 1, f"a program added twice: {adds}"
             assert bool(adds) == (expected_total > 0), "no atomic into the load"
+            wide = [a for a in wide_atomics if start <= a < end]
+            assert all(a % 8 == 0 for a in wide), "a misaligned 64-bit atomic"
+            if paired_load is not None:
+                assert bool(wide) == paired_load, f"64-bit atomics into the load: {len(wide)}"
             if corrupt:
                 assert (
                     bool((ref_ids < 0).any() or (ref_ids >= load.numel()).any()) or num_tokens == 0
