@@ -56,10 +56,10 @@ replica needs no division (``RECIPROCALS``).
 The load is counted into a per-program histogram over the physical experts; each
 program adds it with one atomic per touched expert after its last tile (with EPLB
 the grid is a few programs per SM), or, for large histograms into an int32 view,
-one 64-bit atomic per touched pair of experts (``PAIRED_LOAD``). Programs of several tiles count into their
-own counters in a global workspace instead (``WORKSPACE_COUNTS``), each tile's
-atomics issued behind the next tile's loads in the large launch
-(``DEFERRED_COUNTS``). Programs of one token count each slot with an atomic
+one 64-bit atomic per touched pair of experts (``PAIRED_LOAD``). Programs of
+several tiles count into their own counters in a global workspace instead
+(``WORKSPACE_COUNTS``), each tile's atomics issued behind the next tile's loads in
+the large launch (``DEFERRED_COUNTS``). Programs of one token count each slot with an atomic
 (``SLOT_ATOMICS``): a token's experts are distinct, and so are their replicas,
 so that too is one atomic per touched expert.
 
@@ -570,9 +570,9 @@ def _packed_suspect(chosen, last, first, LOGITS_DTYPE: tl.constexpr):
     chosen logit and any other distinct logit are at least twice that ulp and at least
     ``2**-19`` apart, which leaves more than ``2**-20`` after the subtraction rounds:
     more than exp's error (2 ulps) and the division's rounding can close, so their
-    scores stay distinct and in order. ``s = 6`` gives the old fixed bounds, ``2**-7``
-    (bf16) and ``2**-4`` (fp16); a span below 8 lowers them 16-fold. (On the CPU,
-    eager's first ties lie 8-fold below the bound.)"""
+    scores stay distinct and in order. Spans from 64 give ``2**-7`` (bf16) and ``2**-4``
+    (fp16), and spans below 8 a bound 16 times lower. (On the CPU, eager's first ties
+    lie 8 times below the bound.)"""
     if LOGITS_DTYPE == tl.bfloat16:
         MANTISSA: tl.constexpr = 7
         EXPONENT_BIAS: tl.constexpr = 127
@@ -861,7 +861,8 @@ def _route_tiles(
         # read the tile waits for). H100, same run, EPLB off: E=256 26.56 -> 25.11 us
         # at 65536 tokens, 9.26 -> 9.07 at 16384; in the capped EPLB launches it lost
         # (10.72 -> 10.86 at 12288), and the one-token EPLB programs lost 0.02 us at
-        # one token (2.82 -> 2.84) for as little from 128 tokens on, so they keep theirs.
+        # one token (2.82 -> 2.84) for as little gained from 128 tokens on, so those
+        # launches load in the loop.
         first_token = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         first_x_raw = _load_lanes(
             logits_ptr, first_token.to(tl.int64)[:, None] * stride_logits_t,
@@ -1303,7 +1304,8 @@ class RouteKernelConfig:
     workspace_from_bins: int = 0
     """EPLB, with a load histogram of at least this many bins (0: never): programs of
     several tiles count the load in their own counters in a global workspace rather than
-    in a histogram in registers (either is flushed with one atomic per touched expert)."""
+    in a histogram in registers (either is added to the load view at the end, one atomic
+    per touched expert or pair of experts)."""
     paired_load_from_bins: int = 512
     """With EPLB, a load histogram of at least this many bins (0: never) into an int32
     view is added with 64-bit atomics on pairs of counters, half the atomics: every

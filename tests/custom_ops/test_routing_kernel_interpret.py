@@ -458,17 +458,18 @@ def _run_case(
             should_record_tensor=torch.tensor(record),
             num_unpadded_tokens=None if unpadded is None else torch.tensor(unpadded),
         )
-        state.expert_load_view.copy_(start)
+        state.expert_load_view.copy_(initial_load)
         return state, backing
 
-    start = torch.zeros(0)
+    initial_load = torch.zeros(0)
     if eplb:
-        start = torch.zeros(num_experts + num_experts // 2, dtype=getattr(torch, load_dtype))
+        initial_load = torch.zeros(num_experts + num_experts // 2, dtype=getattr(torch, load_dtype))
         if load_start == "wrapping":
             # int32 counters about to wrap: past -1 (where a counter packed in the low
             # half of a 64-bit atomic carries into its neighbour) and past 2**31 - 1.
-            pattern = torch.tensor([-1, -2, 2**31 - 1, 0, -7, 2**31 - 3], dtype=start.dtype)
-            start = pattern.repeat(start.numel() // pattern.numel() + 1)[: start.numel()]
+            pattern = torch.tensor([-1, -2, 2**31 - 1, 0, -7, 2**31 - 3], dtype=torch.int32)
+            repeats = initial_load.numel() // pattern.numel() + 1
+            initial_load = pattern.repeat(repeats)[: initial_load.numel()]
 
     if small_tiles:
         # With large_from_tokens: a second layout of 8-token tiles, 4 experts per lane.
@@ -563,7 +564,7 @@ def _run_case(
         if eplb:
             state, backing = make_state()
             ref_state = EplbLayerState(
-                expert_load_view=start.clone(),
+                expert_load_view=initial_load.clone(),
                 logical_to_physical_map=state.logical_to_physical_map,
                 logical_replica_count=state.logical_replica_count,
                 should_record_tensor=state.should_record_tensor,
@@ -600,7 +601,9 @@ def _run_case(
                 in_range = (physical >= 0) & (physical < load.numel())
                 rows = num_tokens if unpadded is None else min(unpadded, num_tokens)
                 expected_total = int(in_range[:rows].sum())
-            added = load - start if load_start is None else (load.long() - start.long()) % 2**32
+            added = load - initial_load
+            if load_start is not None:  # int32 counters that wrapped
+                added = (load.long() - initial_load.long()) % 2**32
             assert float(added.sum()) == expected_total
             start = load.data_ptr()
             end = start + load.numel() * load.element_size()
