@@ -704,31 +704,36 @@ def _add_counts_then_offsets(
 
 @triton.jit
 def _add_load(
-    load_ptr, stride_load, load_counts, num_physical, LOAD_BINS: tl.constexpr, PAIRED: tl.constexpr
+    load_ptr,
+    stride_load,
+    load_counts,
+    num_physical,
+    counters_before,
+    LOAD_BINS: tl.constexpr,
+    PAIRED: tl.constexpr,
 ):
     """Add a program's load histogram to the int32 (or int64, float32) load view: one
     atomic per touched expert, or, ``PAIRED`` and into a contiguous, 8-byte aligned
     int32 view, one 64-bit atomic per touched pair of experts (see
-    ``RouteKernelConfig.paired_load_from_bins``). A pair's low count carries into its
-    high one only where the low counter passes 2**32 - 1 (from a negative int32): the
-    old value the atomic returns shows it, and a second atomic takes the carry back, so
-    each counter ends as int32 addition leaves it."""
+    ``RouteKernelConfig.paired_load_from_bins``).
+
+    A pair's low count would carry into its high one where the low counter passed
+    2**32 - 1. ``counters_before``, the view as the program read it before routing,
+    rules that out: counters only grow while the kernel runs, by at most one per
+    routed slot, so from non-negative int32 values and fewer than 2**31 slots none
+    passes 2**32 - 1. Otherwise (a counter already wrapped) every expert gets its own
+    atomic, so each counter ends as int32 addition leaves it."""
     bin_ids = tl.arange(0, LOAD_BINS)
     singles_from = 0
     if PAIRED:
-        if (stride_load == 1) & (load_ptr.to(tl.int64) % 8 == 0):
+        no_carry = tl.min(counters_before, axis=0) >= 0
+        if no_carry & (stride_load == 1) & (load_ptr.to(tl.int64) % 8 == 0):
             low, high = tl.split(tl.reshape(load_counts, [LOAD_BINS // 2, 2]))
             pair = tl.arange(0, LOAD_BINS // 2)
-            packed = (high.to(tl.int64) << 32) | low.to(tl.int64)
-            touched = (2 * pair + 1 < num_physical) & (packed != 0)
-            old = tl.atomic_add(
-                load_ptr.to(tl.pointer_type(tl.int64)) + pair, packed, mask=touched, sem="relaxed"
-            )
-            carried = touched & ((old & 0xFFFFFFFF) + low.to(tl.int64) > 0xFFFFFFFF)
             tl.atomic_add(
-                load_ptr + 2 * pair + 1,
-                tl.full(pair.shape, -1, tl.int32),
-                mask=carried,
+                load_ptr.to(tl.pointer_type(tl.int64)) + pair,
+                (high.to(tl.int64) << 32) | low.to(tl.int64),
+                mask=(2 * pair + 1 < num_physical) & ((low | high) != 0),
                 sem="relaxed",
             )
             singles_from = num_physical - num_physical % 2  # an odd count's last expert
@@ -1213,6 +1218,13 @@ def _route_kernel(
 ):
     load_counts = tl.zeros([LOAD_BINS], dtype=tl.int32)
     expert_counts = tl.zeros([COUNT_BINS if COUNT_BINS > 0 else 1], dtype=tl.int32)
+    counters_before = load_counts  # (read only with PAIRED_LOAD)
+    if HAS_EPLB and PAIRED_LOAD:
+        # Read now, used after routing (see _add_load): the read's latency is hidden.
+        bins = tl.arange(0, LOAD_BINS)
+        counters_before = tl.load(load_ptr + bins * stride_load, mask=bins < num_physical, other=0)
+        if num_tokens.to(tl.int64) * TOP_K >= 2**31:
+            counters_before = tl.full([LOAD_BINS], -1, tl.int32)
     if LARGE_BLOCK_T > 0:
         # Large batches take the large-tile layout (more rows per thread, so more
         # loads in flight per warp); decode-sized ones keep the small-tile one.
@@ -1259,7 +1271,15 @@ def _route_kernel(
         )  # fmt: skip
     num_programs = tl.num_programs(0)
     if HAS_EPLB and not SLOT_ATOMICS:  # (the launcher gives per-slot atomics one layout)
-        _add_load(load_ptr, stride_load, load_counts, num_physical, LOAD_BINS, PAIRED_LOAD)
+        _add_load(
+            load_ptr,
+            stride_load,
+            load_counts,
+            num_physical,
+            counters_before,
+            LOAD_BINS,
+            PAIRED_LOAD,
+        )
     if COUNT_BINS > 0:
         _add_counts_then_offsets(
             counts_ptr, offsets_ptr, expert_counts, num_count_bins, num_programs, COUNT_BINS
@@ -1310,12 +1330,13 @@ class RouteKernelConfig:
     """With EPLB, a load histogram of at least this many bins (0: never) into an int32
     view is added with 64-bit atomics on pairs of counters, half the atomics: every
     program adds its histogram at the end, all at once, and they contend. H100, same
-    run (``routing_kernel_ab_paired_load_h100_2026-12-06.json``): E=256 EPLB 12.02 ->
-    11.18 us at 16384 tokens, 8.46 -> 7.95 at 4096, 30.47 -> 29.96 at 65536, grouped
-    33.56 -> 30.11 at 16384; E=128 (256 bins) lost, 9.77 -> 10.11 at 16384, and E=8
-    (16 bins) 3.56 -> 3.81 at 1024. (Without the carry check, atomics that return
-    nothing: 10.71 us at 16384, but a counter wrapping past -1 would add to its
-    neighbour.)"""
+    runs (``routing_kernel_ab_paired_load_h100_2026-12-06.json``), with the carry
+    checked from the value each atomic returns: E=256 EPLB 12.02 -> 11.18 us at 16384
+    tokens, 8.46 -> 7.95 at 4096, 30.47 -> 29.96 at 65536, grouped 33.56 -> 30.11 at
+    16384; E=128 (256 bins) lost, 9.77 -> 10.11 at 16384, and E=8 (16 bins) 3.56 ->
+    3.81 at 1024. The carry ruled out from the counters read before routing instead
+    (atomics that return nothing, see ``_add_load``): 11.18 -> 11.04 at 16384, 7.92 ->
+    7.25 at 4096, grouped 107.9 -> 108.8 at 65536."""
     deferred_counts: bool = False
     """With the workspace and one layout: where the tiles outnumber the programs, a
     kernel that issues each tile's workspace atomics in the next iteration, behind

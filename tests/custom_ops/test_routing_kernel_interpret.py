@@ -196,15 +196,18 @@ def _cases():
             bias=True, eplb=True, one_token_programs=programs,
         )  # fmt: skip
     # The load added with 64-bit atomics on pairs of int32 counters (from 32 bins here):
-    # an odd number of physical experts (the last one alone), counters that wrap. A
-    # view 4 bytes off 8-byte alignment, other dtypes and (by default) fewer than 512
-    # bins take one atomic per expert.
+    # an odd number of physical experts (the last one alone), counters passing
+    # 2**31 - 1. Counters already negative, a view 4 bytes off 8-byte alignment, other
+    # dtypes and (by default) fewer than 512 bins take one atomic per expert.
     pairs = dict(num_experts=10, top_k=3, num_tokens=37, eplb=True, small_tiles=True)
-    cases["load_pairs_odd_physical_wrapping"] = dict(
-        pairs, ties=True, load_start="wrapping", paired_from_bins=32, paired_load=True
+    cases["load_pairs_odd_physical_past_int32_max"] = dict(
+        pairs, ties=True, load_start="past_int32_max", paired_from_bins=32, paired_load=True
     )
-    cases["load_unaligned_view_wrapping"] = dict(
-        pairs, load_offset=9, load_start="wrapping", paired_from_bins=32, paired_load=False
+    cases["load_wrapped_counters_one_atomic_each"] = dict(
+        pairs, ties=True, load_start="wrapping", paired_from_bins=32, paired_load=False
+    )
+    cases["load_unaligned_view"] = dict(
+        pairs, load_offset=9, load_start="past_int32_max", paired_from_bins=32, paired_load=False
     )
     cases["load_float32_histograms"] = dict(
         pairs, load_dtype="float32", paired_from_bins=32, paired_load=False
@@ -464,10 +467,13 @@ def _run_case(
     initial_load = torch.zeros(0)
     if eplb:
         initial_load = torch.zeros(num_experts + num_experts // 2, dtype=getattr(torch, load_dtype))
-        if load_start == "wrapping":
-            # int32 counters about to wrap: past -1 (where a counter packed in the low
-            # half of a 64-bit atomic carries into its neighbour) and past 2**31 - 1.
-            pattern = torch.tensor([-1, -2, 2**31 - 1, 0, -7, 2**31 - 3], dtype=torch.int32)
+        if load_start is not None:
+            # int32 counters about to pass 2**31 - 1 and, "wrapping", past -1 (where a
+            # counter in the low half of a 64-bit atomic would carry into its neighbour).
+            pattern = [2**31 - 1, 0, 2**31 - 3, 5]
+            if load_start == "wrapping":
+                pattern = [-1, -2, 2**31 - 1, 0, -7, 2**31 - 3]
+            pattern = torch.tensor(pattern, dtype=torch.int32)
             repeats = initial_load.numel() // pattern.numel() + 1
             initial_load = pattern.repeat(repeats)[: initial_load.numel()]
 
