@@ -19,7 +19,8 @@ fewer instructions per key ran 20% slower.
 The layouts, and so the counts, are the installed Triton's: versions lay the same
 kernel out differently (E=256 EPLB large launch at 17e319c, its kernel for programs
 of several tiles: Triton 3.9 gives 184 registers, 71 barriers in the tile loop and
-30.5 instructions per key, 3.6 gives 255, 20 and 22.0). To see what the device compiles, run this under its Triton (``triton==3.6.0``).
+30.5 instructions per key, 3.6 gives 255, 20 and 22.0). To see what the device
+compiles, run this under its Triton (``triton==3.6.0``).
 """
 
 from __future__ import annotations

@@ -59,9 +59,9 @@ the grid is a few programs per SM), or, for large histograms into an int32 view,
 one 64-bit atomic per touched pair of experts (``PAIRED_LOAD``). Programs of
 several tiles count into their own counters in a global workspace instead
 (``WORKSPACE_COUNTS``), each tile's atomics issued behind the next tile's loads in
-the large launch (``DEFERRED_COUNTS``). Programs of one token count each slot with an atomic
-(``SLOT_ATOMICS``): a token's experts are distinct, and so are their replicas,
-so that too is one atomic per touched expert.
+the large launch (``DEFERRED_COUNTS``). Programs of one token count each slot
+with an atomic (``SLOT_ATOMICS``): a token's experts are distinct, and so are
+their replicas, so that too is one atomic per touched expert.
 
 Programs that route one tile (no grid cap: EPLB off) request its logits first
 (``ONE_TILE``), ahead of the bias.
